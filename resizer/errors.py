@@ -1,0 +1,112 @@
+"""One exception tree. Every leaf carries the HTTP status and error code clients see.
+
+Adapters translate foreign exceptions (OSError, httpx errors, ffmpeg failures) into these
+at their boundary with ``raise ... from``, so the web layer renders any ``ResizerError``
+without knowing where it came from, and anything else is a genuine bug (500).
+"""
+
+from __future__ import annotations
+
+
+class ResizerError(Exception):
+    """Base of every error resizer raises on purpose."""
+
+    status: int = 500
+    code: str = "internal_error"
+    # Whether ``message`` may reach clients; internal details (ffmpeg's stderr) stay in logs.
+    public_message: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error implies (e.g. Content-Range, Retry-After)."""
+        return {}
+
+
+class InvalidOption(ResizerError):
+    """A transformation option has a bad value; the message names it and what is allowed."""
+
+    status = 400
+    code = "invalid_option"
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class NotFound(ResizerError):
+    status = 404
+    code = "not_found"
+
+
+class NoOriginMatched(NotFound):
+    """No configured origin's matcher accepts the request path."""
+
+    code = "no_origin"
+
+
+class SourceNotFound(NotFound):
+    """The origin matched but the source object does not exist."""
+
+    code = "source_not_found"
+
+
+class UnsupportedMedia(ResizerError):
+    """The source decodes but holds no video stream (e.g. an audio file or an image)."""
+
+    status = 415
+    code = "unsupported_media"
+
+
+class UndecodableSource(ResizerError):
+    """ffmpeg cannot read the source as media at all."""
+
+    status = 422
+    code = "undecodable_source"
+
+
+class RangeNotSatisfiable(ResizerError):
+    status = 416
+    code = "range_not_satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"no byte of the requested range lies within 0-{size - 1}")
+        self.size = size
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
+
+
+class TransformFailed(ResizerError):
+    """ffmpeg failed on a source it had accepted (a bug or a resource problem, not input)."""
+
+    status = 500
+    code = "transform_failed"
+    public_message = "the transformation failed; the details are in the server log"
+
+
+class TransformTimeout(ResizerError):
+    status = 504
+    code = "transform_timeout"
+
+
+class ServiceUnavailable(ResizerError):
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists (key, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+        self.problems = problems
