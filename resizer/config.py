@@ -1,0 +1,349 @@
+"""Configuration: TOML file (or the embedded default), environment overrides, strict validation.
+
+Unknown keys are errors. Durations and sizes carry units: ``ttl = "1d"``, ``timeout = "90s"``,
+``max_source_size = "256MiB"`` (a bare number means seconds or bytes). Scalar keys can be
+overridden from the environment as ``RESIZER_<SECTION>_<KEY>`` (e.g. ``RESIZER_SERVER_PORT``);
+``RESIZER_FFMPEG`` selects the ffmpeg binary. Relative paths are resolved against the config
+file's folder (against the working directory for the embedded default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NewType, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
+from .options import MAX_DIMENSION, MIN_DIMENSION
+from .units import DAYS, HOURS, MINUTES, SECONDS, GiB, KiB, MiB
+
+Duration = NewType("Duration", float)  # seconds
+ByteSize = NewType("ByteSize", int)  # bytes
+
+ENV_PREFIX = "RESIZER_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Seconds a graceful shutdown waits for open responses before cutting them.
+    graceful_timeout: Duration = Duration(5 * SECONDS)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    backend: Literal["disk", "memory"] = "disk"
+    path: str = ".cache/resizer"
+    ttl: Duration = Duration(1 * DAYS)
+    read_chunk: ByteSize = ByteSize(64 * KiB)
+    fsync: bool = False
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    ffmpeg: str = ""  # empty: $RESIZER_FFMPEG, else the bundled imageio-ffmpeg binary
+    timeout: Duration = Duration(10 * MINUTES)
+    probe_timeout: Duration = Duration(20 * SECONDS)
+    kill_grace: Duration = Duration(1 * SECONDS)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_width: int = MAX_DIMENSION
+    max_height: int = MAX_DIMENSION
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: Literal["filesystem"]
+    root: str = ""
+    path: str = "${path}"
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class OriginConfig:
+    name: str
+    matcher: str
+    sources: tuple[SourceConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    origins: tuple[OriginConfig, ...] = ()
+    # Folder that relative paths in this configuration are relative to.
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+
+DEFAULT_CONFIG_TOML = """
+[server]
+host = "127.0.0.1"
+port = 8080
+
+[cache]
+backend = "disk"
+path = ".cache/resizer"
+
+[[origins]]
+name = "videos"
+matcher = "^/videos/(?P<path>.+)$"
+
+[[origins.sources]]
+type = "filesystem"
+root = "./media"
+path = "${path}"
+priority = 0
+"""
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "logging": LoggingConfig,
+    "cache": CacheConfig,
+    "transform": TransformConfig,
+    "limits": LimitsConfig,
+}
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": SECONDS / 1000, "s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {
+    "B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+}  # fmt: skip
+
+
+class _Problems:
+    """Collects every validation problem so check-config can report them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append((key, message))
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30, '30s', '5m', '1h', '1d'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m[1]) * _DURATION_UNITS[m[2] or "s"]
+    else:
+        raise ValueError(f"{value!r} is not a duration; use e.g. 30, '30s', '5m', '1h', '1d'")
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 65536, '64KiB', '256MiB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = int(float(m[1]) * _SIZE_UNITS[m[2] or "B"])
+    else:
+        raise ValueError(f"{value!r} is not a size; use e.g. 65536, '64KiB', '256MiB'")
+    if size < 0:
+        raise ValueError("must not be negative")
+    return size
+
+
+def _convert(value: object, hint: Any, *, from_env: bool) -> object:
+    """Check/convert one scalar against its annotation; raise ValueError with a clear reason."""
+    if hint is Duration:
+        return parse_duration(value)
+    if hint is ByteSize:
+        return parse_size(value)
+    if get_origin(hint) is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+        return value
+    if hint is bool:
+        if from_env and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a boolean (true/false)")
+        return value
+    if hint is int:
+        if from_env and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not an integer")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return value
+    raise TypeError(f"unsupported config type {hint!r}")  # a bug in this module
+
+
+def _build(
+    cls: type[Any],
+    data: Mapping[str, object],
+    prefix: str,
+    problems: _Problems,
+    env: Mapping[str, str] | None = None,
+) -> Any:
+    """Build dataclass ``cls`` from ``data`` (+ env overrides), recording problems by key."""
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            allowed = ", ".join(fields)
+            problems.add(f"{prefix}{key}", f"unknown key; allowed here: {allowed}")
+    kwargs: dict[str, object] = {}
+    for name, f in fields.items():
+        hint = hints[name]
+        value: object = data.get(name, dataclasses.MISSING)
+        from_env = False
+        env_name = f"{ENV_PREFIX}{prefix.replace('.', '_')}{name}".upper()
+        if env is not None and env_name in env:
+            value, from_env = env[env_name], True
+        if value is dataclasses.MISSING:
+            no_default = (
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            )
+            if no_default:
+                problems.add(f"{prefix}{name}", "required key is missing")
+            continue
+        try:
+            kwargs[name] = _convert(value, hint, from_env=from_env)
+        except ValueError as exc:
+            where = f"{prefix}{name}" + (f" (from ${env_name})" if from_env else "")
+            problems.add(where, str(exc))
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None  # missing required keys were already recorded
+
+
+def _build_origins(raw: object, problems: _Problems) -> tuple[OriginConfig, ...]:
+    if not isinstance(raw, list):
+        problems.add("origins", "must be an array of tables ([[origins]])")
+        return ()
+    origins: list[OriginConfig] = []
+    names: set[str] = set()
+    for index, item in enumerate(raw):
+        where = f"origins[{index}]"
+        if not isinstance(item, dict):
+            problems.add(where, "must be a table")
+            continue
+        body = {k: v for k, v in item.items() if k != "sources"}
+        head = _build(OriginConfig, body, f"{where}.", problems)
+        sources_raw = item.get("sources", [])
+        sources: list[SourceConfig] = []
+        if not isinstance(sources_raw, list) or not sources_raw:
+            problems.add(f"{where}.sources", "needs at least one [[origins.sources]] table")
+        else:
+            for s_index, s_item in enumerate(sources_raw):
+                s_where = f"{where}.sources[{s_index}]"
+                if not isinstance(s_item, dict):
+                    problems.add(s_where, "must be a table")
+                    continue
+                source = _build(SourceConfig, s_item, f"{s_where}.", problems)
+                if source is not None:
+                    if source.type == "filesystem" and not source.root:
+                        problems.add(f"{s_where}.root", "required for type = 'filesystem'")
+                    sources.append(source)
+        if head is None:
+            continue
+        if head.name in names:
+            problems.add(f"{where}.name", f"duplicate origin name {head.name!r}")
+        names.add(head.name)
+        try:
+            re.compile(head.matcher)
+        except re.error as exc:
+            problems.add(f"{where}.matcher", f"not a valid regular expression: {exc}")
+        origins.append(dataclasses.replace(head, sources=tuple(sources)))
+    return tuple(origins)
+
+
+def _check(config: Config, problems: _Problems) -> None:
+    """Cross-field rules that a single key's type cannot express."""
+    if not 0 <= config.server.port <= 65535:
+        problems.add("server.port", f"{config.server.port} is not a TCP port (0-65535)")
+    for key in ("max_width", "max_height"):
+        value = getattr(config.limits, key)
+        if not MIN_DIMENSION <= value <= 8192:
+            problems.add(f"limits.{key}", f"{value} must lie within {MIN_DIMENSION}-8192")
+    if config.cache.read_chunk < 4 * KiB:
+        problems.add("cache.read_chunk", "must be at least 4KiB")
+    if config.transform.timeout <= 0:
+        problems.add("transform.timeout", "must be positive")
+    if not config.origins:
+        problems.add("origins", "at least one [[origins]] table is required")
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    text: str | None = None,
+) -> Config:
+    """Load ``path`` (or ``text``, or the embedded default) and apply environment overrides.
+
+    Raises ``ConfigError`` listing every problem found, each with the offending key.
+    """
+    env = os.environ if env is None else env
+    problems = _Problems()
+    if text is None and path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([(str(path), f"cannot read: {exc.strerror}")]) from exc
+    base_dir = path.resolve().parent if path is not None else Path.cwd()
+    try:
+        data = tomllib.loads(DEFAULT_CONFIG_TOML if text is None else text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([(str(path or "<config>"), f"invalid TOML: {exc}")]) from exc
+
+    known = {*_SECTIONS, "origins"}
+    for key in data:
+        if key not in known:
+            problems.add(key, f"unknown section; allowed: {', '.join(sorted(known))}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            problems.add(name, "must be a table")
+            raw = {}
+        sections[name] = _build(cls, raw, f"{name}.", problems, env) or cls()
+    # RESIZER_FFMPEG is the documented short form of RESIZER_TRANSFORM_FFMPEG.
+    if "RESIZER_FFMPEG" in env and "RESIZER_TRANSFORM_FFMPEG" not in env:
+        sections["transform"] = dataclasses.replace(
+            sections["transform"], ffmpeg=env["RESIZER_FFMPEG"]
+        )
+    config = Config(
+        origins=_build_origins(data.get("origins", []), problems), base_dir=base_dir, **sections
+    )
+    _check(config, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return config

@@ -1,0 +1,118 @@
+"""Configuration loading, validation and environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from resizer.cli import main
+from resizer.config import load_config, parse_duration, parse_size
+from resizer.errors import ConfigError
+from resizer.units import DAYS, MINUTES, MiB
+
+
+def test_embedded_default_serves_media_folder_with_disk_cache() -> None:
+    """Without a file: 127.0.0.1:8080, /videos/<path> -> ./media, disk cache."""
+    config = load_config(env={})
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
+    assert config.cache.backend == "disk"
+    assert config.cache.path == ".cache/resizer"
+    (origin,) = config.origins
+    assert origin.matcher == "^/videos/(?P<path>.+)$"
+    assert origin.sources[0].root == "./media"
+
+
+def test_every_problem_is_reported_with_its_key() -> None:
+    """Unknown keys, bad types and bad regexes are all listed, each with its key."""
+    text = """
+    [server]
+    port = "x"
+    colour = "blue"
+    [cache]
+    ttl = "3 fortnights"
+    [nonsense]
+    [[origins]]
+    name = "a"
+    matcher = "("
+    [[origins.sources]]
+    type = "ftp"
+    """
+    with pytest.raises(ConfigError) as info:
+        load_config(text=text, env={})
+    keys = {key for key, _ in info.value.problems}
+    assert {
+        "server.port",
+        "server.colour",
+        "cache.ttl",
+        "nonsense",
+        "origins[0].matcher",
+        "origins[0].sources[0].type",
+    } <= keys
+
+
+def test_environment_overrides_scalars() -> None:
+    """RESIZER_<SECTION>_<KEY> overrides a key; RESIZER_FFMPEG selects ffmpeg."""
+    env = {"RESIZER_SERVER_PORT": "9001", "RESIZER_CACHE_TTL": "2d", "RESIZER_FFMPEG": "/x/ff"}
+    config = load_config(env=env)
+    assert config.server.port == 9001
+    assert config.cache.ttl == 2 * DAYS
+    assert config.transform.ffmpeg == "/x/ff"
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    """A bad override is reported with the variable it came from."""
+    with pytest.raises(ConfigError, match=r"RESIZER_SERVER_PORT"):
+        load_config(env={"RESIZER_SERVER_PORT": "eighty"})
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    """A config file's relative paths are relative to its folder."""
+    file = tmp_path / "conf" / "resizer.toml"
+    file.parent.mkdir()
+    file.write_text(
+        '[[origins]]\nname = "v"\nmatcher = "^/(.+)$"\n'
+        '[[origins.sources]]\ntype = "filesystem"\nroot = "media"\npath = "$1"\n'
+    )
+    config = load_config(file, env={})
+    assert config.resolve_path(config.origins[0].sources[0].root) == file.parent / "media"
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [(30, 30.0), ("30s", 30.0), ("5m", 5 * MINUTES), ("1d", DAYS), ("250ms", 0.25)],
+)
+def test_durations_carry_units(raw: object, seconds: float) -> None:
+    """Durations accept a bare number of seconds or a unit suffix."""
+    assert parse_duration(raw) == seconds
+
+
+@pytest.mark.parametrize(("raw", "size"), [(1024, 1024), ("256MiB", 256 * MiB), ("1.5KiB", 1536)])
+def test_sizes_carry_units(raw: object, size: int) -> None:
+    """Sizes accept a bare number of bytes or a binary/decimal unit."""
+    assert parse_size(raw) == size
+
+
+def test_check_config_prints_each_error_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resizer check-config` lists each problem with its key and exits 1."""
+    file = tmp_path / "bad.toml"
+    file.write_text("[server]\nport = 99999\nbogus = 1\n")
+    assert main(["check-config", str(file)]) == 1
+    err = capsys.readouterr().err
+    assert "server.port" in err
+    assert "server.bogus" in err
+
+
+def test_check_config_accepts_a_valid_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A valid file passes check-config with exit code 0."""
+    file = tmp_path / "good.toml"
+    file.write_text(
+        '[server]\nport = 9000\n[[origins]]\nname = "v"\nmatcher = "^/v/(?P<path>.+)$"\n'
+        '[[origins.sources]]\ntype = "filesystem"\nroot = "/srv/media"\n'
+    )
+    assert main(["check-config", str(file)]) == 0
+    assert "ok" in capsys.readouterr().out

@@ -1,0 +1,165 @@
+"""Option parsing and cache-key canonicalisation (pure)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from resizer.errors import InvalidOption
+from resizer.options import (
+    Limits,
+    Mode,
+    OutputFormat,
+    TransformOptions,
+    cache_key,
+    format_ms,
+    key_digest,
+    parse_options,
+    parse_time_ms,
+)
+
+
+def test_defaults_are_a_video_at_source_size() -> None:
+    """No parameters means an MP4 at the source's size."""
+    assert parse_options({}) == TransformOptions(Mode.VIDEO, None, None, 0, OutputFormat.MP4)
+
+
+def test_width_and_height_parse_within_bounds() -> None:
+    """Width and height accept integers 10-2000 inclusive."""
+    assert parse_options({"width": "10", "height": "2000"}).width == 10
+    assert parse_options({"width": "10", "height": "2000"}).height == 2000
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("width", "9"),
+        ("width", "2001"),
+        ("width", "abc"),
+        ("width", "-5"),
+        ("width", "3.5"),
+        ("width", ""),
+        ("width", "\u0661\u0660\u0660"),  # non-ASCII digits must not sneak through isdigit()
+        ("height", "0"),
+        ("mode", "gif"),
+        ("format", "gif"),
+        ("format", "jpg"),  # jpg is a frame format, not a video one
+        ("time", "2s"),  # time applies to frames only (for now)
+    ],
+)
+def test_invalid_values_name_the_parameter(param: str, value: str) -> None:
+    """Every invalid value raises InvalidOption naming the parameter."""
+    with pytest.raises(InvalidOption) as info:
+        parse_options({param: value})
+    assert info.value.param == param
+    assert info.value.status == 400
+    assert param in info.value.message
+
+
+def test_error_message_lists_what_is_allowed() -> None:
+    """The message tells the client what to send instead."""
+    with pytest.raises(InvalidOption, match="allowed: video, frame"):
+        parse_options({"mode": "gif"})
+    with pytest.raises(InvalidOption, match="10-2000"):
+        parse_options({"width": "5000"})
+
+
+def test_configured_limits_lower_the_ceiling() -> None:
+    """[limits] max_width is enforced by the parser."""
+    with pytest.raises(InvalidOption, match="10-640"):
+        parse_options({"width": "641"}, Limits(max_width=640, max_height=640))
+
+
+def test_frame_mode_defaults_to_jpg_at_zero() -> None:
+    """mode=frame without time or format is a JPEG of the first frame."""
+    options = parse_options({"mode": "frame"})
+    assert (options.format, options.time_ms, options.content_type) == (
+        OutputFormat.JPG,
+        0,
+        "image/jpeg",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "ms"),
+    [("2s", 2000), ("2.5s", 2500), ("2", 2000), ("1m", 60_000), ("1500ms", 1500), (".5s", 500)],
+)
+def test_time_spellings(raw: str, ms: int) -> None:
+    """Times accept seconds, minutes and milliseconds."""
+    assert parse_time_ms("time", raw) == ms
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1s", "2h", "11m", "1e3s", ""])
+def test_bad_times_are_rejected(raw: str) -> None:
+    """Malformed or out-of-range times are a 400."""
+    with pytest.raises(InvalidOption):
+        parse_time_ms("time", raw)
+
+
+def test_equivalent_spellings_share_a_key() -> None:
+    """2s and 2.0s, jpeg and jpg, defaults written out: one cache key."""
+    a = parse_options({"mode": "frame", "time": "2s", "format": "jpeg"})
+    b = parse_options({"mode": "FRAME", "time": "2.0s", "format": "jpg", "utm_source": "x"})
+    assert cache_key("/v/a.mp4", a) == cache_key("/v/a.mp4", b)
+    assert cache_key("/v/a.mp4", parse_options({})) == cache_key(
+        "/v/a.mp4", parse_options({"mode": "video", "format": "mp4"})
+    )
+
+
+def test_different_outputs_have_different_keys() -> None:
+    """Parameters that change the bytes change the key; so does the path."""
+    keys = {
+        cache_key("/v/a.mp4", parse_options({"width": "320"})),
+        cache_key("/v/a.mp4", parse_options({"width": "640"})),
+        cache_key("/v/a.mp4", parse_options({"height": "320"})),
+        cache_key("/v/b.mp4", parse_options({"width": "320"})),
+        cache_key("/v/a.mp4", parse_options({"mode": "frame", "width": "320"})),
+        cache_key("/v/a.mp4", parse_options({"mode": "frame", "format": "png"})),
+    }
+    assert len(keys) == 6
+
+
+def test_key_format_is_documented_shape() -> None:
+    """The key reads v1:<path>?<canonical options>."""
+    key = cache_key("/videos/a.mp4", parse_options({"width": "320"}))
+    assert key == "v1:/videos/a.mp4?mode=video&width=320&format=mp4"
+    assert len(key_digest(key)) == 64
+
+
+@pytest.mark.parametrize(("ms", "text"), [(0, "0s"), (2000, "2s"), (1500, "1.5s"), (1, "0.001s")])
+def test_format_ms_is_minimal(ms: int, text: str) -> None:
+    """Canonical times have one spelling."""
+    assert format_ms(ms) == text
+
+
+query_values = st.one_of(
+    st.text(max_size=12),
+    st.integers(-10, 5000).map(str),
+    st.sampled_from(["video", "frame", "jpg", "png", "mp4", "2s", "1.5m", "jpeg"]),
+)
+queries = st.dictionaries(
+    st.sampled_from(["width", "height", "mode", "time", "format", "junk"]), query_values
+)
+
+
+@given(queries)
+def test_parser_raises_only_validation_errors(query: dict[str, str]) -> None:
+    """No input makes the parser raise anything but InvalidOption."""
+    with contextlib.suppress(InvalidOption):
+        parse_options(query)
+
+
+@given(queries)
+def test_canonical_key_is_idempotent(query: dict[str, str]) -> None:
+    """Parsing the canonical form again gives the same options and key."""
+    try:
+        options = parse_options(query)
+    except InvalidOption:
+        return
+    canonical = dict(part.split("=", 1) for part in options.canonical().split("&"))
+    again = parse_options(canonical)
+    assert again == options
+    assert cache_key("/p", again) == cache_key("/p", options)
