@@ -1,0 +1,134 @@
+"""The cache stage: a small protocol with a disk adapter and an in-memory fake beside it.
+
+An entry is published only once completely written; readers never see partial data. The
+protocol is deliberately tiny (look up, open a range, write, delete) so that key-value and
+object stores (manifest + fixed-size chunks) can implement it later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from ..units import KiB
+
+DEFAULT_READ_CHUNK = 64 * KiB
+
+
+def new_etag_hasher() -> hashlib.blake2b:
+    """Hash an entry's bytes while they are written; ``format_etag`` turns it into the ETag."""
+    # 16 bytes (32 hex chars): collisions between versions of one key are out of the question.
+    return hashlib.blake2b(digest_size=16)
+
+
+def format_etag(hasher: hashlib.blake2b) -> str:
+    """The strong, quoted ETag of everything ``hasher`` has seen."""
+    return f'"{hasher.hexdigest()}"'
+
+
+def check_range(size: int, start: int, stop: int, chunk_size: int) -> None:
+    """Reject a read outside the entry; clients' ranges are clamped before they get here."""
+    if not 0 <= start <= stop <= size:
+        raise ValueError(f"range [{start}, {stop}) is not within [0, {size}]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class EntryMeta:
+    """What a published entry is; the disk store keeps it as a small JSON file."""
+
+    key: str
+    content_type: str
+    size: int
+    etag: str  # strong validator, already quoted: '"<hex>"'
+    created: float  # unix time of publication
+    ttl: float  # seconds the entry stays fresh
+    options: str  # canonical options, for humans and tooling
+
+    @property
+    def expires(self) -> float:
+        return self.created + self.ttl
+
+    def is_fresh(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) < self.expires
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EntryMeta:
+        return cls(
+            key=str(data["key"]),
+            content_type=str(data["content_type"]),
+            size=int(data["size"]),
+            etag=str(data["etag"]),
+            created=float(data["created"]),
+            ttl=float(data["ttl"]),
+            options=str(data["options"]),
+        )
+
+
+class SpoolReader(Protocol):
+    """Reads what a writer has written so far, while it is still being written.
+
+    A reader outlives its writer (after commit, discard or failure it keeps reading the bytes
+    it could see), so subscribers to in-flight work can finish at their own pace.
+    """
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``offset``; only bytes already written are read."""
+        ...
+
+    def clone(self) -> SpoolReader:
+        """An independent reader of the same bytes (synchronous: no await, no race)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class CacheWriter(Protocol):
+    """Receives an entry's bytes in order. Nothing is visible until ``commit``."""
+
+    @property
+    def bytes_written(self) -> int: ...
+
+    async def write(self, data: bytes | bytearray) -> None:
+        """Append ``data``; once this returns, ``open_reader`` readers can read it."""
+        ...
+
+    def open_reader(self) -> SpoolReader:
+        """A reader of the bytes written so far and later (synchronous)."""
+        ...
+
+    async def commit(self) -> EntryMeta:
+        """Publish atomically and return the entry's metadata (size, strong ETag)."""
+        ...
+
+
+class CacheStore(Protocol):
+    async def lookup(self, key: str) -> EntryMeta | None:
+        """The fresh, complete entry for ``key``, or None (absent, expired or torn)."""
+        ...
+
+    def open_range(
+        self, entry: EntryMeta, start: int, stop: int, chunk_size: int = DEFAULT_READ_CHUNK
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Bytes ``start`` (inclusive) to ``stop`` (exclusive) of ``entry``, in chunks of at
+        most ``chunk_size``. Raises ``KeyError`` when the entry vanished meanwhile."""
+        ...
+
+    def open_writer(
+        self, key: str, *, content_type: str, ttl: float, options: str
+    ) -> AbstractAsyncContextManager[CacheWriter]:
+        """A writer for a new entry. Leaving the block without ``commit`` (error or
+        cancellation) removes every partial file; an existing entry stays untouched."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove the entry if present (idempotent)."""
+        ...

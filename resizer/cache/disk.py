@@ -1,0 +1,474 @@
+"""The disk cache store: one data file and one small JSON metadata file per entry.
+
+Layout under ``root``::
+
+    entries/<d[0:2]>/<digest>.meta.json        published metadata: EntryMeta plus "data"
+    entries/<d[0:2]>/<digest>.<etag>.data      the entry's bytes, named by their content hash
+    tmp/<digest>.<token>.data / .meta.json     partial writes
+
+A commit writes the data to tmp/, renames it into entries/, writes the metadata to tmp/ and
+``os.replace``s it onto ``<digest>.meta.json`` (the one commit point), and only then removes
+the previous version's data file. A ``kill -9`` anywhere therefore leaves the old entry or the
+new one, plus at most some unreferenced files that lookups never serve and ``prepare()``
+removes. Without ``fsync=True`` a power loss (not a process crash) can leave published
+metadata with short data; lookups compare sizes and drop such entries.
+
+Naming data files by content hash means metadata can only point at the bytes it describes, and
+``open_range`` opens exactly the version it is handed: once that version is replaced or
+deleted it raises ``KeyError`` instead of silently serving other bytes. A reader that already
+opened a data file keeps reading it after a concurrent overwrite or delete (POSIX unlink).
+
+Errors: lookups never raise for filesystem problems (logged, treated as a miss); opening a
+writer, writing, committing and deleting let ``OSError`` propagate, because a cache that cannot
+write is an operational problem the caller must see rather than a client error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+import trio
+
+from ..errors import ResizerError
+from ..options import key_digest
+from ..units import SECONDS
+from .base import DEFAULT_READ_CHUNK, EntryMeta, check_range, format_etag, new_etag_hasher
+
+log = structlog.get_logger(__name__)
+
+# Bounds the shielded cleanup after an abandoned write, so a stalled disk cannot hang shutdown.
+CLEANUP_TIMEOUT = 5 * SECONDS
+
+_META_SUFFIX = ".meta.json"
+_DATA_SUFFIX = ".data"
+_ETAG_RE = re.compile(r'"([0-9a-f]+)"')
+
+
+class _AsyncBinaryWriter(Protocol):
+    """The part of ``trio.open_file(..., "xb")`` the writer uses (trio does not export the type)."""
+
+    async def write(self, data: bytes | memoryview, /) -> int: ...
+
+    async def flush(self) -> None: ...
+
+    def fileno(self) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _AsyncBinaryReader(Protocol):
+    async def read(self, size: int, /) -> bytes: ...
+
+    async def seek(self, offset: int, /) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _StoredMeta:
+    meta: EntryMeta
+    data_name: str
+
+
+def _data_name(digest: str, etag: str) -> str | None:
+    """The data file name of the version with ``etag``; None if this store never wrote it."""
+    match = _ETAG_RE.fullmatch(etag)
+    return None if match is None else f"{digest}.{match[1]}{_DATA_SUFFIX}"
+
+
+def _parse_meta(raw: bytes, digest: str) -> _StoredMeta | None:
+    """The metadata in ``raw``, or None when it is not exactly what ``_publish_sync`` writes."""
+    try:
+        fields = json.loads(raw)
+        meta = EntryMeta.from_json(fields)
+        data_name = fields["data"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if data_name != _data_name(digest, meta.etag):
+        return None
+    return _StoredMeta(meta, data_name)
+
+
+def _referenced_data_name(raw: bytes, digest: str) -> str | None:
+    """The data file that possibly corrupt metadata names, if it is safely one of ours."""
+    try:
+        fields = json.loads(raw)
+        etag = fields["etag"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return _data_name(digest, etag) if isinstance(etag, str) else None
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except FileNotFoundError:
+        return False
+
+
+class DiskCacheStore:
+    """``CacheStore`` on a local filesystem; call ``prepare()`` once before use."""
+
+    def __init__(
+        self, root: Path, *, fsync: bool = False, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.root = root
+        self._entries_dir = root / "entries"
+        self._tmp_dir = root / "tmp"
+        self._fsync = fsync
+        self._clock = clock
+        # Serialises the swap of a key's metadata and the removal of the data it replaced, so
+        # concurrent commits, deletes and lookups dropping a torn entry never remove live data.
+        # Held only inside worker threads, for a few syscalls.
+        self._publish_lock = threading.Lock()
+
+    def prepare(self) -> int:
+        """Create the folders and remove what a crash left behind; returns the files removed.
+
+        Blocking; call it at start-up before any writer runs (a committing writer's data file
+        is briefly unreferenced, which is exactly what this removes).
+        """
+        self._entries_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for partial_file in self._tmp_dir.iterdir():
+            partial_file.unlink(missing_ok=True)
+            removed += 1
+        for folder in self._entries_dir.iterdir():
+            if folder.is_dir():
+                removed += self._remove_unreferenced(folder)
+        if removed:
+            log.info("cache_leftovers_removed", root=str(self.root), files=removed)
+        return removed
+
+    def data_path(self, entry: EntryMeta) -> Path | None:
+        """Where ``entry``'s bytes live, for sendfile or an X-Accel-Redirect; None if the entry
+        did not come from this store. No I/O: the file may vanish when a newer version or a
+        delete replaces it, so open it and keep the descriptor rather than re-resolving."""
+        digest = key_digest(entry.key)
+        name = _data_name(digest, entry.etag)
+        return None if name is None else self._entry_dir(digest) / name
+
+    async def lookup(self, key: str) -> EntryMeta | None:
+        return await trio.to_thread.run_sync(self._lookup_sync, key)
+
+    @asynccontextmanager
+    async def open_range(
+        self, entry: EntryMeta, start: int, stop: int, chunk_size: int = DEFAULT_READ_CHUNK
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        check_range(entry.size, start, stop, chunk_size)
+        path = self.data_path(entry)
+        if path is None:
+            raise KeyError(entry.key)
+        try:
+            file = await trio.open_file(path, "rb")
+        except FileNotFoundError as exc:
+            raise KeyError(entry.key) from exc
+        async with file:
+            await file.seek(start)
+            yield _FileChunks(file, path, stop - start, chunk_size)
+
+    @asynccontextmanager
+    async def open_writer(
+        self, key: str, *, content_type: str, ttl: float, options: str
+    ) -> AsyncIterator[_DiskWriter]:
+        digest = key_digest(key)
+        # The random token keeps concurrent writers of one key apart.
+        tmp_path = self._tmp_dir / f"{digest}.{secrets.token_hex(8)}{_DATA_SUFFIX}"
+        # Unbuffered: a write is in the kernel when it returns, so spool readers see it.
+        file = await trio.open_file(tmp_path, "xb", buffering=0)
+        writer = _DiskWriter(
+            self,
+            key=key,
+            digest=digest,
+            tmp_path=tmp_path,
+            file=file,
+            content_type=content_type,
+            ttl=ttl,
+            options=options,
+        )
+        try:
+            yield writer
+        finally:
+            # Shielded so that the cancellation that may have ended the block cannot also skip
+            # removing the partial file.
+            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                await writer.discard()
+
+    async def delete(self, key: str) -> None:
+        await trio.to_thread.run_sync(self._delete_sync, key_digest(key))
+
+    def _entry_dir(self, digest: str) -> Path:
+        return self._entries_dir / digest[:2]
+
+    def _meta_path(self, digest: str) -> Path:
+        return self._entry_dir(digest) / f"{digest}{_META_SUFFIX}"
+
+    def _lookup_sync(self, key: str) -> EntryMeta | None:
+        digest = key_digest(key)
+        meta_path = self._meta_path(digest)
+        try:
+            raw = meta_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cache_lookup_failed", key=key, error=str(exc))
+            return None
+        stored = _parse_meta(raw, digest)
+        if stored is None:
+            self._unpublish_if_unchanged(digest, raw, reason="corrupt metadata")
+            return None
+        if stored.meta.key != key:
+            # A sha256 collision: the entry belongs to the other key, so leave it alone.
+            log.warning("cache_key_collision", key=key, stored_key=stored.meta.key)
+            return None
+        if not stored.meta.is_fresh(self._clock()):
+            self._unpublish_if_unchanged(digest, raw, reason="expired")
+            return None
+        try:
+            size: int | None = (meta_path.parent / stored.data_name).stat().st_size
+        except FileNotFoundError:
+            size = None
+        except OSError as exc:
+            log.warning("cache_lookup_failed", key=key, error=str(exc))
+            return None
+        if size != stored.meta.size:
+            self._unpublish_if_unchanged(digest, raw, reason="torn")
+            return None
+        return stored.meta
+
+    def _unpublish_if_unchanged(self, digest: str, seen: bytes, *, reason: str) -> None:
+        """Drop the entry whose metadata read as ``seen``, unless a commit replaced it since."""
+        meta_path = self._meta_path(digest)
+        try:
+            with self._publish_lock:
+                if meta_path.read_bytes() != seen:
+                    return
+                self._unpublish_locked(meta_path, seen, digest)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            # The entry is not served either way; prepare() retries the removal at start-up.
+            log.warning("cache_unpublish_failed", digest=digest, reason=reason, error=str(exc))
+            return
+        log.debug("cache_entry_dropped", digest=digest, reason=reason)
+
+    def _delete_sync(self, digest: str) -> None:
+        meta_path = self._meta_path(digest)
+        with self._publish_lock:
+            try:
+                raw = meta_path.read_bytes()
+            except FileNotFoundError:
+                return
+            self._unpublish_locked(meta_path, raw, digest)
+
+    @staticmethod
+    def _unpublish_locked(meta_path: Path, raw: bytes, digest: str) -> None:
+        # Metadata first: a crash in between leaves an orphaned data file, never a torn entry.
+        meta_path.unlink(missing_ok=True)
+        data_name = _referenced_data_name(raw, digest)
+        if data_name is not None:
+            (meta_path.parent / data_name).unlink(missing_ok=True)
+
+    def _publish_sync(self, digest: str, tmp_data: Path, meta: EntryMeta) -> None:
+        """Move a complete data file into place and publish its metadata (worker thread)."""
+        data_name = _data_name(digest, meta.etag)
+        assert data_name is not None, "etags come from format_etag"
+        folder = self._entry_dir(digest)
+        folder.mkdir(exist_ok=True)
+        data_path = folder / data_name
+        meta_path = self._meta_path(digest)
+        tmp_meta = tmp_data.with_name(tmp_data.name.removesuffix(_DATA_SUFFIX) + _META_SUFFIX)
+        payload = json.dumps({**meta.to_json(), "data": data_name}).encode()
+        try:
+            self._write_small_file(tmp_meta, payload)
+            with self._publish_lock:
+                try:
+                    previous = _referenced_data_name(meta_path.read_bytes(), digest)
+                except FileNotFoundError:
+                    previous = None
+                # Identical content has an identical name: the rename then swaps equal bytes.
+                os.replace(tmp_data, data_path)
+                published = False
+                try:
+                    os.replace(tmp_meta, meta_path)
+                    published = True
+                finally:
+                    if not published and previous != data_name:
+                        data_path.unlink(missing_ok=True)
+                if self._fsync:
+                    self._fsync_dir(folder)
+                if previous is not None and previous != data_name:
+                    (folder / previous).unlink(missing_ok=True)
+        finally:
+            tmp_meta.unlink(missing_ok=True)
+
+    def _write_small_file(self, path: Path, payload: bytes) -> None:
+        with path.open("xb") as file:
+            file.write(payload)
+            if self._fsync:
+                file.flush()
+                os.fsync(file.fileno())
+
+    @staticmethod
+    def _fsync_dir(folder: Path) -> None:
+        """Make the renames into ``folder`` durable."""
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _remove_unreferenced(self, folder: Path) -> int:
+        """Remove unusable metadata and data files no metadata points at; returns the count."""
+        removed = 0
+        referenced: set[str] = set()
+        for meta_path in folder.glob(f"*{_META_SUFFIX}"):
+            digest = meta_path.name.removesuffix(_META_SUFFIX)
+            stored = _parse_meta(meta_path.read_bytes(), digest)
+            if stored is not None and _has_size(folder / stored.data_name, stored.meta.size):
+                referenced.add(stored.data_name)
+            else:
+                meta_path.unlink()
+                removed += 1
+        for data_path in folder.glob(f"*{_DATA_SUFFIX}"):
+            if data_path.name not in referenced:
+                data_path.unlink()
+                removed += 1
+        return removed
+
+
+class _FileChunks:
+    """Reads ``remaining`` bytes from an already positioned file, ``chunk_size`` at a time."""
+
+    def __init__(
+        self, file: _AsyncBinaryReader, path: Path, remaining: int, chunk_size: int
+    ) -> None:
+        self._file = file
+        self._path = path
+        self._remaining = remaining
+        self._chunk_size = chunk_size
+
+    def __aiter__(self) -> _FileChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._remaining == 0:
+            raise StopAsyncIteration
+        chunk = await self._file.read(min(self._chunk_size, self._remaining))
+        if not chunk:
+            # Published data files are never modified, so this is outside interference.
+            raise ResizerError(f"cache data file {self._path.name} is shorter than its entry")
+        self._remaining -= len(chunk)
+        return chunk
+
+
+class _DiskWriter:
+    """Streams into a tmp file while hashing; ``commit`` hands it to the store to publish."""
+
+    def __init__(
+        self,
+        store: DiskCacheStore,
+        *,
+        key: str,
+        digest: str,
+        tmp_path: Path,
+        file: _AsyncBinaryWriter,
+        content_type: str,
+        ttl: float,
+        options: str,
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._digest = digest
+        self._tmp_path = tmp_path
+        self._file = file
+        self._content_type = content_type
+        self._ttl = ttl
+        self._options = options
+        self._hasher = new_etag_hasher()
+        self._size = 0
+        self._finished: str | None = None  # why it no longer accepts calls
+
+    @property
+    def bytes_written(self) -> int:
+        return self._size
+
+    async def write(self, data: bytes | bytearray) -> None:
+        self._ensure_open()
+        # If the write fails or is cancelled, file and hash may disagree: refuse to commit.
+        self._finished = "failed"
+        view = memoryview(data)
+        while view:  # a raw write may be partial
+            written = await self._file.write(view)
+            view = view[written:]
+        self._hasher.update(data)
+        self._size += len(data)
+        self._finished = None
+
+    def open_reader(self) -> _DiskSpoolReader:
+        self._ensure_open()
+        # Its own descriptor: it keeps reading after the rename at commit or the unlink at
+        # discard (POSIX), so the reader never depends on the writer's lifetime.
+        return _DiskSpoolReader(os.open(self._tmp_path, os.O_RDONLY | os.O_CLOEXEC))
+
+    async def commit(self) -> EntryMeta:
+        self._ensure_open()
+        self._finished = "failed"  # until published; the cleanup then removes the tmp file
+        if self._store._fsync:
+            await self._file.flush()
+            await trio.to_thread.run_sync(os.fsync, self._file.fileno())
+        await self._file.aclose()
+        meta = EntryMeta(
+            key=self._key,
+            content_type=self._content_type,
+            size=self._size,
+            etag=format_etag(self._hasher),
+            created=self._store._clock(),
+            ttl=self._ttl,
+            options=self._options,
+        )
+        await trio.to_thread.run_sync(self._store._publish_sync, self._digest, self._tmp_path, meta)
+        self._finished = "committed"
+        return meta
+
+    async def discard(self) -> None:
+        """Close the file and, unless committed, remove it. Idempotent."""
+        if self._finished is None:
+            self._finished = "discarded"
+        await self._file.aclose()
+        if self._finished != "committed":
+            # abandon_on_cancel lets the cleanup deadline actually bound a stalled unlink.
+            await trio.to_thread.run_sync(
+                partial(self._tmp_path.unlink, missing_ok=True), abandon_on_cancel=True
+            )
+
+    def _ensure_open(self) -> None:
+        if self._finished is not None:
+            raise RuntimeError(f"cache writer already {self._finished}")
+
+
+class _DiskSpoolReader:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        return await trio.to_thread.run_sync(os.pread, self._fd, size, offset)
+
+    def clone(self) -> _DiskSpoolReader:
+        return _DiskSpoolReader(os.dup(self._fd))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

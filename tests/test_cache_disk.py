@@ -1,0 +1,326 @@
+"""What only the disk store has: its layout, crash leftovers, torn files and filesystem errors.
+
+The CacheStore contract (round trips, ranges, expiry, overwrite, cancellation...) runs against
+this store too, in test_cache_memory.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from resizer.cache.base import EntryMeta
+from resizer.cache.disk import DiskCacheStore
+from resizer.options import key_digest
+from tests.test_cache_memory import (
+    ABANDON_WAYS,
+    START,
+    AbandonWay,
+    FakeClock,
+    abandon_writer,
+    put,
+    read,
+    sample_bytes,
+)
+
+OLD = sample_bytes(5000, seed=1)
+NEW = sample_bytes(7000, seed=2)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def disk(root: Path) -> DiskCacheStore:
+    store = DiskCacheStore(root, clock=FakeClock())
+    store.prepare()
+    return store
+
+
+def files_under(folder: Path) -> set[Path]:
+    """Every regular file below ``folder``, relative to it."""
+    return {path.relative_to(folder) for path in folder.rglob("*") if path.is_file()}
+
+
+def meta_path(disk: DiskCacheStore, entry: EntryMeta) -> Path:
+    data = data_path(disk, entry)
+    return data.parent / f"{key_digest(entry.key)}.meta.json"
+
+
+def data_path(disk: DiskCacheStore, entry: EntryMeta) -> Path:
+    path = disk.data_path(entry)
+    assert path is not None
+    return path
+
+
+def entry_files(disk: DiskCacheStore, entry: EntryMeta) -> set[Path]:
+    """The two files a published entry consists of, relative to the store root."""
+    return {
+        meta_path(disk, entry).relative_to(disk.root),
+        data_path(disk, entry).relative_to(disk.root),
+    }
+
+
+async def test_entry_is_one_meta_and_one_data_file_in_its_digest_folder(
+    disk: DiskCacheStore,
+) -> None:
+    """A committed entry is <digest>.meta.json plus the data file it names, nothing in tmp/."""
+    entry = await put(disk, "k", OLD)
+    digest = key_digest("k")
+    meta_file = disk.root / "entries" / digest[:2] / f"{digest}.meta.json"
+    stored = json.loads(meta_file.read_bytes())
+    assert EntryMeta.from_json(stored) == entry
+    assert stored["data"] == data_path(disk, entry).name
+    assert data_path(disk, entry).parent == meta_file.parent
+    assert data_path(disk, entry).read_bytes() == OLD
+    assert files_under(disk.root) == entry_files(disk, entry)
+
+
+async def test_data_path_is_none_for_an_entry_this_store_did_not_write(
+    disk: DiskCacheStore,
+) -> None:
+    """data_path only answers for ETags in this store's format."""
+    entry = await put(disk, "k", OLD)
+    assert disk.data_path(dataclasses.replace(entry, etag='W/"abc"')) is None
+
+
+@pytest.mark.parametrize("way", ABANDON_WAYS)
+async def test_abandoned_writer_leaves_no_files(disk: DiskCacheStore, way: AbandonWay) -> None:
+    """Leaving a writer without commit removes its partial file, whatever ended the block."""
+    old = await put(disk, "existing", OLD)
+    await abandon_writer(disk, "existing", way)
+    await abandon_writer(disk, "fresh", way)
+    assert files_under(disk.root) == entry_files(disk, old)
+
+
+async def test_overwrite_leaves_exactly_one_data_file(disk: DiskCacheStore) -> None:
+    """After an overwrite only the new version's meta and data file remain."""
+    await put(disk, "k", OLD)
+    new = await put(disk, "k", NEW)
+    assert files_under(disk.root) == entry_files(disk, new)
+
+
+@pytest.fixture
+def break_meta_publication(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """A switch making every later metadata publication (os.replace onto *.meta.json) fail."""
+    real_replace = os.replace
+
+    def replace_failing_on_meta(src: Path, dst: Path) -> None:
+        if str(dst).endswith(".meta.json"):
+            raise OSError(errno.EIO, "simulated I/O error")
+        real_replace(src, dst)
+
+    return lambda: monkeypatch.setattr(os, "replace", replace_failing_on_meta)
+
+
+async def test_failed_publication_keeps_the_old_entry(
+    disk: DiskCacheStore, break_meta_publication: Callable[[], None]
+) -> None:
+    """If publishing the metadata fails, commit raises and the old entry stays intact."""
+    old = await put(disk, "k", OLD)
+    break_meta_publication()
+    with pytest.raises(OSError, match="simulated"):
+        await put(disk, "k", NEW)
+    assert await disk.lookup("k") == old
+    assert await read(disk, old) == OLD
+    assert files_under(disk.root) == entry_files(disk, old)
+
+
+async def test_writer_is_unusable_after_a_failed_commit(
+    disk: DiskCacheStore, break_meta_publication: Callable[[], None]
+) -> None:
+    """After commit raised, the writer refuses to write or commit and leaves no files."""
+    break_meta_publication()
+    async with disk.open_writer("k", content_type="video/mp4", ttl=60.0, options="") as writer:
+        await writer.write(OLD)
+        with pytest.raises(OSError, match="simulated"):
+            await writer.commit()
+        with pytest.raises(RuntimeError, match="failed"):
+            await writer.commit()
+        with pytest.raises(RuntimeError, match="failed"):
+            await writer.write(NEW)
+    assert files_under(disk.root) == set()
+
+
+def crash_during_write(
+    disk: DiskCacheStore, old: EntryMeta, staging: DiskCacheStore, new: EntryMeta
+) -> None:
+    (disk.root / "tmp" / f"{key_digest('k')}.0123abcd.data").write_bytes(NEW[:100])
+
+
+def crash_after_data_rename(
+    disk: DiskCacheStore, old: EntryMeta, staging: DiskCacheStore, new: EntryMeta
+) -> None:
+    # The new data file is in place; its metadata is written to tmp/ but not yet published.
+    shutil.copy(data_path(staging, new), data_path(disk, old).parent)
+    tmp_meta = disk.root / "tmp" / f"{key_digest('k')}.0123abcd.meta.json"
+    shutil.copy(meta_path(staging, new), tmp_meta)
+
+
+def crash_before_old_data_removal(
+    disk: DiskCacheStore, old: EntryMeta, staging: DiskCacheStore, new: EntryMeta
+) -> None:
+    # The new version is published; the old data file has not been removed yet.
+    folder = data_path(disk, old).parent
+    shutil.copy(data_path(staging, new), folder)
+    shutil.copy(meta_path(staging, new), folder)
+
+
+CrashPoint = Callable[[DiskCacheStore, EntryMeta, DiskCacheStore, EntryMeta], None]
+
+
+@pytest.mark.parametrize(
+    ("crash", "survivor"),
+    [
+        (crash_during_write, "old"),
+        (crash_after_data_rename, "old"),
+        (crash_before_old_data_removal, "new"),
+    ],
+)
+async def test_crash_leftovers_are_never_served_and_prepare_removes_them(
+    root: Path, crash: CrashPoint, survivor: str
+) -> None:
+    """A kill -9 at any point of an overwrite leaves one whole version; prepare() tidies up."""
+    disk = DiskCacheStore(root, clock=FakeClock())
+    disk.prepare()
+    old = await put(disk, "k", OLD)
+    # The files a complete overwrite would produce, made by a second store.
+    staging = DiskCacheStore(root.parent / "staging", clock=FakeClock())
+    staging.prepare()
+    new = await put(staging, "k", NEW)
+
+    crash(disk, old, staging, new)
+
+    expected, expected_bytes = (old, OLD) if survivor == "old" else (new, NEW)
+    assert await disk.lookup("k") == expected
+    assert await read(disk, expected) == expected_bytes
+    assert disk.prepare() >= 1
+    assert files_under(root) == entry_files(disk, expected)
+    assert await read(disk, expected) == expected_bytes
+
+
+def remove_data(disk: DiskCacheStore, entry: EntryMeta) -> None:
+    data_path(disk, entry).unlink()
+
+
+def truncate_data(disk: DiskCacheStore, entry: EntryMeta) -> None:
+    data_path(disk, entry).write_bytes(OLD[:-1])
+
+
+def extend_data(disk: DiskCacheStore, entry: EntryMeta) -> None:
+    data_path(disk, entry).write_bytes(OLD + b"!")
+
+
+def garble_meta(disk: DiskCacheStore, entry: EntryMeta) -> None:
+    meta_path(disk, entry).write_bytes(b'{"key": "k", "size": ')
+
+
+def point_meta_at_other_data(disk: DiskCacheStore, entry: EntryMeta) -> None:
+    path = meta_path(disk, entry)
+    stored = json.loads(path.read_bytes())
+    stored["data"] = "../elsewhere.data"
+    path.write_text(json.dumps(stored))
+
+
+@pytest.mark.parametrize(
+    "tear",
+    [remove_data, truncate_data, extend_data, garble_meta, point_meta_at_other_data],
+)
+async def test_torn_entry_is_a_miss_and_its_metadata_is_removed(
+    disk: DiskCacheStore, tear: Callable[[DiskCacheStore, EntryMeta], None]
+) -> None:
+    """Metadata whose data is missing, of the wrong size or not ours is never served."""
+    entry = await put(disk, "k", OLD)
+    tear(disk, entry)
+    assert await disk.lookup("k") is None
+    assert not meta_path(disk, entry).exists()
+
+
+@pytest.mark.parametrize("tear", [remove_data, truncate_data, garble_meta])
+async def test_prepare_removes_torn_entries(
+    disk: DiskCacheStore, tear: Callable[[DiskCacheStore, EntryMeta], None]
+) -> None:
+    """prepare() removes torn entries it finds, leaving sound ones alone."""
+    torn = await put(disk, "torn", OLD)
+    sound = await put(disk, "sound", NEW)
+    tear(disk, torn)
+    assert disk.prepare() >= 1
+    assert files_under(disk.root) == entry_files(disk, sound)
+
+
+async def test_data_without_metadata_is_never_served(disk: DiskCacheStore) -> None:
+    """A data file whose metadata is gone is a miss, and prepare() removes it."""
+    entry = await put(disk, "k", OLD)
+    meta_path(disk, entry).unlink()
+    assert await disk.lookup("k") is None
+    assert disk.prepare() == 1
+    assert files_under(disk.root) == set()
+
+
+async def test_prepare_keeps_sound_entries_and_is_repeatable(disk: DiskCacheStore) -> None:
+    """prepare() on a healthy store removes nothing and entries stay served."""
+    entry = await put(disk, "k", OLD)
+    assert disk.prepare() == 0
+    assert disk.prepare() == 0
+    assert await disk.lookup("k") == entry
+
+
+async def test_expired_entry_files_are_removed_on_lookup(root: Path) -> None:
+    """An expired entry found by lookup is deleted from disk, not just hidden."""
+    clock = FakeClock()
+    disk = DiskCacheStore(root, clock=clock)
+    disk.prepare()
+    await put(disk, "k", OLD, ttl=5.0)
+    clock.now = START + 5.0
+    assert await disk.lookup("k") is None
+    assert files_under(root) == set()
+
+
+async def test_metadata_of_another_key_is_not_served(disk: DiskCacheStore) -> None:
+    """Metadata recording a different key (a digest collision) is a miss for this key."""
+    entry = await put(disk, "k", OLD)
+    path = meta_path(disk, entry)
+    stored = json.loads(path.read_bytes())
+    stored["key"] = "another key"
+    path.write_text(json.dumps(stored))
+    assert await disk.lookup("k") is None
+
+
+async def test_unreadable_metadata_is_a_miss_not_an_error(
+    disk: DiskCacheStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup hitting EACCES logs and returns None instead of failing the request."""
+    await put(disk, "k", OLD)
+
+    def refuse(self: Path) -> bytes:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    assert await disk.lookup("k") is None
+
+
+async def test_deleted_entry_leaves_no_files(disk: DiskCacheStore) -> None:
+    """delete removes both the metadata and the data file."""
+    await put(disk, "k", OLD)
+    await disk.delete("k")
+    assert files_under(disk.root) == set()
+
+
+async def test_fsync_mode_publishes_the_same_way(root: Path) -> None:
+    """With fsync=True entries round-trip and leave the same files."""
+    disk = DiskCacheStore(root, fsync=True, clock=FakeClock())
+    disk.prepare()
+    await put(disk, "k", OLD)
+    entry = await put(disk, "k", NEW)
+    assert await disk.lookup("k") == entry
+    assert await read(disk, entry, 100, 6000, chunk_size=999) == NEW[100:6000]
+    assert files_under(root) == entry_files(disk, entry)
