@@ -1,0 +1,39 @@
+"""The source stage: find a source object and make it available to ffmpeg as a local file.
+
+ffmpeg needs seekable input (MP4s with the ``moov`` atom at the end cannot stream from a
+pipe), so every source hands the transform stage a local path: the file itself for the
+filesystem source; later, a shared local copy for remote sources.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStat:
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class LocalSource:
+    """A seekable local file holding the source's bytes, valid while its context is open."""
+
+    path: Path
+    size: int
+
+
+class Source(Protocol):
+    kind: str  # "filesystem", later "http", "s3": reported in X-Source
+
+    async def stat(self, path: str) -> SourceStat:
+        """Raise ``SourceNotFound`` when the object does not exist."""
+        ...
+
+    def open(self, path: str) -> AbstractAsyncContextManager[LocalSource]:
+        """Make the object available as a local file for the duration of the block."""
+        ...
