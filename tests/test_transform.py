@@ -1,0 +1,338 @@
+"""The transform stage: probe parsing and argv building (pure), and the real ffmpeg runner."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from resizer.errors import TransformFailed, TransformTimeout, UndecodableSource, UnsupportedMedia
+from resizer.options import Mode, OutputFormat, TransformOptions
+from resizer.transform.argv import EncoderSettings, build_argv, video_scale_filter
+from resizer.transform.base import MediaInfo
+from resizer.transform.fake import FakeTransformer
+from resizer.transform.probe import parse_probe_output
+from resizer.transform.runner import FfmpegTransformer, resolve_ffmpeg
+from tests.media import ffmpeg_banner, ffmpeg_exe, make_test_video
+
+BANNERS = Path(__file__).parent / "banners"
+SETTINGS = EncoderSettings()
+HD = MediaInfo(
+    duration_ms=5310, width=1280, height=720, has_audio=True, video_codec="h264", fps=25.0
+)
+SILENT = MediaInfo(duration_ms=2000, width=640, height=272, has_audio=False, video_codec="h264")
+
+
+def banner(name: str) -> str:
+    return (BANNERS / f"{name}.txt").read_text()
+
+
+# --- probe (pure) -------------------------------------------------------------------------
+
+
+def test_probe_reads_real_footage_with_surround_audio() -> None:
+    """Big Buck Bunny: 1280x720 h264 at 25 fps, 5.31 s, with audio."""
+    info = parse_probe_output(banner("bigbuckbunny"))
+    assert info == MediaInfo(5310, 1280, 720, True, "h264", 25.0, 0)
+
+
+def test_probe_reads_footage_without_audio() -> None:
+    """bikes.mp4 has no audio stream."""
+    info = parse_probe_output(banner("bikes"))
+    assert (info.width, info.height, info.has_audio, info.duration_ms) == (640, 272, False, 10_000)
+
+
+def test_probe_reads_phone_rotation() -> None:
+    """A display matrix of -90 degrees is a clockwise rotation of 90: width and height swap."""
+    info = parse_probe_output(banner("rotated-phone"))
+    assert info.rotation == 90
+    assert (info.display_width, info.display_height) == (240, 320)
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("text-file", UndecodableSource),
+        ("audio-only", UnsupportedMedia),
+        ("png-image", UnsupportedMedia),
+    ],
+)
+def test_probe_refuses_what_is_not_a_video(name: str, error: type[Exception]) -> None:
+    """Garbage is 422 (undecodable); audio-only files and still images are 415."""
+    with pytest.raises(error):
+        parse_probe_output(banner(name))
+
+
+def test_probe_ignores_cover_art_as_video() -> None:
+    """An attached picture is not a video stream."""
+    text = banner("audio-only").replace(
+        "  Stream #0:0: Audio",
+        "  Stream #0:1: Video: mjpeg, yuvj420p, 500x500, 90k tbn (attached pic)\n"
+        "  Stream #0:0: Audio",
+    )
+    with pytest.raises(UnsupportedMedia):
+        parse_probe_output(text)
+
+
+@given(st.text(max_size=400))
+def test_probe_never_crashes_on_arbitrary_text(text: str) -> None:
+    """No banner text raises anything but the two ResizerErrors (files may be hostile)."""
+    with contextlib.suppress(UndecodableSource, UnsupportedMedia):
+        parse_probe_output(text)
+
+
+@given(st.integers(0, 5000), st.text(alphabet="0123456789x:, ", max_size=40))
+def test_probe_survives_mangled_real_banners(cut: int, junk: str) -> None:
+    """Truncated or spliced real banners are parsed or refused, never a crash."""
+    text = banner("bigbuckbunny")
+    with contextlib.suppress(UndecodableSource, UnsupportedMedia):
+        parse_probe_output(text[:cut] + junk + text[cut:])
+
+
+# --- argv (pure) --------------------------------------------------------------------------
+
+
+def argv_for(info: MediaInfo, **options: Any) -> list[str]:
+    source = Path("/media/in.mp4")
+    return build_argv("ffmpeg", source, info, TransformOptions(**options), SETTINGS)
+
+
+def value_after(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"width": 320},
+        {"mode": Mode.FRAME, "format": OutputFormat.JPG},
+        {"mode": Mode.FRAME, "format": OutputFormat.PNG, "time_ms": 99_000},
+    ],
+)
+def test_source_is_read_only_through_the_whitelists(options: dict[str, object]) -> None:
+    """Every command restricts protocols and demuxers before -i, and writes to stdout."""
+    argv = argv_for(HD, **options)
+    source_at = argv.index("-i")
+    assert argv.index("-protocol_whitelist") < source_at
+    assert value_after(argv, "-protocol_whitelist") == "file,pipe"
+    assert argv.index("-format_whitelist") < source_at
+    assert argv[source_at + 1] == "file:/media/in.mp4"
+    assert argv[-1] == "pipe:1"
+    assert "-nostdin" in argv
+
+
+def test_video_is_fragmented_h264_and_aac() -> None:
+    """Video output: H.264 yuv420p + AAC stereo in fragmented MP4 to a pipe."""
+    argv = argv_for(HD, width=320)
+    assert value_after(argv, "-c:v") == "libx264"
+    assert value_after(argv, "-pix_fmt") == "yuv420p"
+    assert value_after(argv, "-c:a") == "aac"
+    assert value_after(argv, "-ac") == "2"
+    assert "frag_keyframe" in value_after(argv, "-movflags")
+    assert "empty_moov" in value_after(argv, "-movflags")
+    assert value_after(argv, "-f") == "mp4"
+
+
+def test_no_audio_map_without_audio() -> None:
+    """A source without audio gets no audio mapping or encoder."""
+    argv = argv_for(SILENT)
+    assert "0:a:0" not in argv
+    assert "-c:a" not in argv
+    assert "0:a:0" in argv_for(HD)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "expected"),
+    [
+        (320, None, "scale=320:-2"),
+        (321, None, "scale=320:-2"),
+        (None, 101, "scale=-2:100"),
+        (None, None, "scale=trunc(iw/2)*2:trunc(ih/2)*2"),
+        (300, 300, "scale=300:300:force_original_aspect_ratio=decrease:force_divisible_by=2"),
+    ],
+)
+def test_video_dimensions_are_always_even(
+    width: int | None, height: int | None, expected: str
+) -> None:
+    """H.264 4:2:0 needs even sizes: odd requests round down, free sides use -2."""
+    assert video_scale_filter(width, height, "lanczos") == f"{expected}:flags=lanczos"
+
+
+def test_frame_seeks_before_the_input_and_takes_one_frame() -> None:
+    """A frame at 2 s: -ss 2 before -i (fast seek), one frame, no audio, JPEG."""
+    argv = argv_for(HD, mode=Mode.FRAME, format=OutputFormat.JPG, time_ms=2000)
+    assert argv.index("-ss") < argv.index("-i")
+    assert value_after(argv, "-ss") == "2.000"
+    assert value_after(argv, "-frames:v") == "1"
+    assert "-an" in argv
+    assert value_after(argv, "-c:v") == "mjpeg"
+
+
+def test_frame_past_the_end_reads_the_tail() -> None:
+    """A frame time past the end seeks into the last half second instead of past the end."""
+    argv = argv_for(HD, mode=Mode.FRAME, format=OutputFormat.PNG, time_ms=60_000)
+    assert float(value_after(argv, "-ss")) == pytest.approx(5.31 - 0.5)
+    assert "reverse" in value_after(argv, "-vf")
+    assert value_after(argv, "-c:v") == "png"
+
+
+# --- runner (real ffmpeg) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("clips")
+    garbage = folder / "garbage.mp4"
+    garbage.write_bytes(b"\x00not a video\x00" * 100)
+    return {
+        "short": make_test_video(folder / "short.mp4", 320, 240, seconds=2, audio=True),
+        "long": make_test_video(folder / "long.mp4", 640, 360, seconds=30, audio=True),
+        "garbage": garbage,
+    }
+
+
+async def drain(output: trio.abc.ReceiveStream) -> None:
+    while await output.receive_some(65536):
+        pass
+
+
+@pytest.fixture
+def transformer() -> FfmpegTransformer:
+    return FfmpegTransformer(resolve_ffmpeg(None), kill_grace=1.0)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie still answers kill(0); it has exited, which is what matters.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ", 1)[1].startswith("Z")
+
+
+def ffmpeg_children() -> Iterator[int]:
+    me = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().split(") ", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                is_ffmpeg = b"ffmpeg" in cmd.read()
+        except OSError:
+            continue
+        if fields[1] == me and is_ffmpeg and fields[0] != "Z":
+            yield int(entry)
+
+
+async def test_probe_runs_ffmpeg_on_a_real_file(
+    transformer: FfmpegTransformer, clips: dict[str, Path]
+) -> None:
+    """The probe reads size, duration and audio from the generated clip."""
+    info = await transformer.probe(clips["short"])
+    assert (info.width, info.height, info.has_audio) == (320, 240, True)
+    with pytest.raises(UndecodableSource):
+        await transformer.probe(clips["garbage"])
+
+
+async def test_video_streams_before_ffmpeg_finishes(
+    transformer: FfmpegTransformer, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """The first fragment arrives while ffmpeg still runs; the result decodes as H.264+AAC."""
+    info = await transformer.probe(clips["long"])
+    options = TransformOptions(width=320)
+    received = bytearray()
+    async with transformer.open_output(clips["long"], info, options) as output:
+        received += await output.receive_some(65536)
+        assert output.returncode is None  # 30 s of video is far from done
+        while chunk := await output.receive_some(65536):
+            received += chunk
+        assert output.returncode == 0
+    assert bytes(received[4:8]) == b"ftyp"
+    out = tmp_path / "out.mp4"
+    out.write_bytes(received)
+    result = parse_probe_output(ffmpeg_banner(out))
+    assert (result.video_codec, result.width, result.height, result.has_audio) == (
+        "h264",
+        320,
+        180,
+        True,
+    )
+
+
+@pytest.mark.parametrize("how", ["break", "cancel", "error"])
+async def test_leaving_early_kills_ffmpeg(
+    transformer: FfmpegTransformer, clips: dict[str, Path], how: str
+) -> None:
+    """Breaking off, cancellation or an error in the consumer leaves no ffmpeg behind."""
+    info = await transformer.probe(clips["long"])
+    pid = None
+
+    class Stop(Exception):
+        pass
+
+    with trio.CancelScope() as scope:
+        try:
+            async with transformer.open_output(clips["long"], info, TransformOptions()) as out:
+                pid = out.pid
+                await out.receive_some(65536)
+                if how == "cancel":
+                    scope.cancel()
+                    await trio.sleep_forever()
+                if how == "error":
+                    raise Stop
+        except Stop:
+            pass
+    assert pid is not None
+    assert process_gone(pid)
+    assert not list(ffmpeg_children())
+
+
+async def test_failure_is_an_error_not_an_end_of_stream(
+    clips: dict[str, Path],
+) -> None:
+    """When ffmpeg exits non-zero, receive_some raises TransformFailed instead of b''."""
+    broken = FfmpegTransformer(resolve_ffmpeg(None), EncoderSettings(video_codec="no-such-codec"))
+    info = await broken.probe(clips["short"])
+    async with broken.open_output(clips["short"], info, TransformOptions()) as output:
+        with pytest.raises(TransformFailed, match=r"no-such-codec|Unknown encoder"):
+            await drain(output)
+
+
+async def test_wall_clock_timeout(clips: dict[str, Path]) -> None:
+    """A transform running past its timeout raises TransformTimeout and is killed."""
+    slow = FfmpegTransformer(resolve_ffmpeg(None), timeout=0.3)
+    info = await slow.probe(clips["long"])
+    async with slow.open_output(clips["long"], info, TransformOptions(width=1280)) as output:
+        with pytest.raises(TransformTimeout):
+            await drain(output)
+        pid = output.pid
+    assert process_gone(pid)
+
+
+def test_resolve_ffmpeg_prefers_configuration(tmp_path: Path) -> None:
+    """An explicit path wins; a missing one is a configuration error naming the key."""
+    assert resolve_ffmpeg(ffmpeg_exe()) == ffmpeg_exe()
+    with pytest.raises(Exception, match=r"transform\.ffmpeg"):
+        resolve_ffmpeg(str(tmp_path / "nope"))
+
+
+async def test_fake_transformer_counts_runs_and_fails_on_request() -> None:
+    """The fake delivers deterministic bytes, counts runs and fails after N bytes."""
+    fake = FakeTransformer(size=2500, chunk_size=1000, fail_after=1500)
+    async with fake.open_output(Path("x"), fake.info, TransformOptions()) as output:
+        assert len(await output.receive_some()) == 1000
+        assert len(await output.receive_some()) == 500
+        with pytest.raises(TransformFailed):
+            await output.receive_some()
+    assert (fake.runs_started, fake.runs_failed, fake.running) == (1, 1, 0)
