@@ -1,0 +1,210 @@
+"""Coalescing registry: one in-flight ``Work`` per cache key, shared by every request for it.
+
+A Work runs in the service's nursery, never in a request's, so the first client leaving does
+not end it for the others. The registry counts attached subscriptions; when the last one
+detaches, the Work's cancel scope is cancelled (unless ``finish_without_clients``). Attach
+and detach are synchronous, so no request can ever attach to a Work that is being torn down:
+a Work leaves the registry in the same step that decides its end.
+
+Subscribers do not get bytes pushed through queues: the Work spools its output into the cache
+writer's partial entry, and each subscriber reads that spool at its own pace, waiting on
+``progress`` only when it has caught up. A slow client therefore never slows the transcode,
+and memory per client stays one read chunk.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
+
+import structlog
+import trio
+from trio_util import AsyncValue
+
+from ..cache.base import CacheWriter, EntryMeta, SpoolReader
+from ..errors import ResizerError, TransformFailed
+
+log = structlog.get_logger(__name__)
+
+
+class WorkState(enum.Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    produced: int
+    state: WorkState
+
+
+class WorkAborted(ResizerError):
+    """The Work was cancelled (no client left, or shutdown)."""
+
+    status = 503
+    code = "aborted"
+
+
+class Work:
+    """The production of one cache entry, observed by its subscribers."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.cancel_scope = trio.CancelScope()
+        self.progress: AsyncValue[Progress] = AsyncValue(Progress(0, WorkState.RUNNING))
+        self.spool: SpoolReader | None = None  # the Work's own reader; subscribers clone it
+        self.entry: EntryMeta | None = None
+        self.error: ResizerError | None = None
+        self.subscribers = 0
+
+    @property
+    def state(self) -> WorkState:
+        return self.current.state
+
+    @property
+    def current(self) -> Progress:
+        return cast(Progress, self.progress.value)  # trio_util ships no type hints
+
+    async def wait_progress(self, predicate: Callable[[Progress], bool]) -> Progress:
+        return cast(Progress, await self.progress.wait_value(predicate))
+
+    # The calls a producer makes, in order.
+    def spool_into(self, writer: CacheWriter) -> None:
+        self.spool = writer.open_reader()
+
+    def advance(self, produced: int) -> None:
+        self.progress.value = Progress(produced, WorkState.RUNNING)
+
+    def finish(self, entry: EntryMeta) -> None:
+        self.entry = entry
+        self.progress.value = Progress(entry.size, WorkState.DONE)
+
+    def fail(self, error: ResizerError) -> None:
+        if self.state is WorkState.RUNNING:
+            self.error = error
+            self.progress.value = Progress(self.current.produced, WorkState.FAILED)
+
+    def close_spool_if_idle(self) -> None:
+        """The spool lives while the Work runs or anyone still reads it; then it closes."""
+        if self.spool is not None and self.subscribers == 0 and self.state is not WorkState.RUNNING:
+            self.spool.close()
+            self.spool = None
+
+
+Producer = Callable[[Work], Awaitable[None]]
+
+
+def _readable_beyond(offset: int) -> Callable[[Progress], bool]:
+    """Wake a reader at ``offset`` when there is more to read or nothing more will come."""
+    return lambda p: p.produced > offset or p.state is not WorkState.RUNNING
+
+
+class Subscription:
+    """One client's hold on a Work. ``detach`` is synchronous and idempotent."""
+
+    def __init__(self, registry: WorkRegistry, work: Work, joined: bool) -> None:
+        self._registry = registry
+        self.work = work
+        self.joined = joined  # True when it attached to Work another request started
+        self._attached = True
+
+    def detach(self) -> None:
+        if self._attached:
+            self._attached = False
+            self._registry._release(self.work)
+
+    async def wait_first_bytes(self) -> Progress:
+        """Wait until output exists or the Work ended; raise the Work's error if it failed."""
+        progress = await self.work.wait_progress(_readable_beyond(0))
+        self._raise_if_failed(progress)
+        return progress
+
+    def _raise_if_failed(self, progress: Progress) -> None:
+        if progress.state is WorkState.FAILED:
+            raise self.work.error or WorkAborted("the transformation was aborted")
+
+    async def iter_bytes(self, start: int = 0, chunk_size: int = 64 * 1024) -> AsyncIterator[bytes]:
+        """The Work's output from ``start``, following it live until it is complete.
+
+        Raises the Work's error if it fails: a consumer that already sent headers must then
+        abort the connection so the truncation is visible.
+        """
+        offset = start
+        reader: SpoolReader | None = None
+        try:
+            while True:
+                progress = await self.work.wait_progress(_readable_beyond(offset))
+                self._raise_if_failed(progress)
+                if offset >= progress.produced:
+                    return  # DONE and everything read
+                if reader is None:
+                    assert self.work.spool is not None  # set before anything is produced
+                    reader = self.work.spool.clone()
+                want = min(chunk_size, progress.produced - offset)
+                data = await reader.read_at(offset, want)
+                if not data:
+                    raise TransformFailed("spooled output ended early")
+                offset += len(data)
+                yield data
+        finally:
+            if reader is not None:
+                reader.close()
+
+
+class WorkRegistry:
+    """Process-wide map from cache key to in-flight Work."""
+
+    def __init__(self, nursery: trio.Nursery, *, finish_without_clients: bool = False) -> None:
+        self._nursery = nursery
+        self._works: dict[str, Work] = {}
+        self.finish_without_clients = finish_without_clients
+
+    def __len__(self) -> int:
+        return len(self._works)
+
+    def get(self, key: str) -> Work | None:
+        return self._works.get(key)
+
+    def attach(self, key: str, produce: Producer) -> Subscription:
+        """Join the in-flight Work for ``key`` or start it; never awaits."""
+        work = self._works.get(key)
+        joined = work is not None
+        if work is None:
+            work = Work(key)
+            self._works[key] = work
+            self._nursery.start_soon(self._run, work, produce, name=f"work {key}")
+        work.subscribers += 1
+        return Subscription(self, work, joined)
+
+    def _release(self, work: Work) -> None:
+        work.subscribers -= 1
+        work.close_spool_if_idle()
+        if work.subscribers > 0 or work.state is not WorkState.RUNNING:
+            return
+        if self.finish_without_clients:
+            return
+        # Decide and unregister in one synchronous step: nobody can attach from now on.
+        self._forget(work)
+        work.cancel_scope.cancel()
+
+    def _forget(self, work: Work) -> None:
+        if self._works.get(work.key) is work:
+            del self._works[work.key]
+
+    async def _run(self, work: Work, produce: Producer) -> None:
+        try:
+            with work.cancel_scope:
+                await produce(work)
+        except ResizerError as exc:
+            work.fail(exc)
+        except Exception as exc:
+            # A bug: keep the service alive, tell the subscribers, keep the traceback in logs.
+            log.exception("work crashed", key=work.key)
+            work.fail(TransformFailed(f"internal error while producing the output: {exc!r}"))
+        finally:
+            self._forget(work)
+            work.fail(WorkAborted("the transformation was aborted"))  # no-op unless RUNNING
+            work.close_spool_if_idle()

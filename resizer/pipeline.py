@@ -1,0 +1,145 @@
+"""The request pipeline: cache -> coalesce -> source -> transform -> cache.put.
+
+``Service`` owns every long-lived part (cache store, origins, transformer, registry of
+in-flight works, metrics) and the nursery that in-flight works run in. The web layer calls
+``lookup`` and ``subscribe``; everything shared between requests happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from .cache.base import CacheStore, EntryMeta
+from .cache.disk import DiskCacheStore
+from .cache.memory import MemoryCacheStore
+from .concurrency.coalescing import Subscription, Work, WorkRegistry
+from .config import Config
+from .errors import TransformFailed
+from .metrics import Metrics
+from .options import Limits, TransformOptions
+from .sources.origins import Origins, Resolved
+from .transform.base import Transformer
+from .transform.runner import FfmpegTransformer, resolve_ffmpeg
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Everything a Work needs to produce one cache entry."""
+
+    key: str
+    source: Resolved
+    options: TransformOptions
+
+
+class Service:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        cache: CacheStore,
+        origins: Origins,
+        transformer: Transformer,
+        registry: WorkRegistry,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.origins = origins
+        self.transformer = transformer
+        self.registry = registry
+        self.metrics = metrics
+        self.limits = Limits(config.limits.max_width, config.limits.max_height)
+
+    async def lookup(self, key: str) -> EntryMeta | None:
+        entry = await self.cache.lookup(key)
+        (self.metrics.cache_hits if entry else self.metrics.cache_misses).inc()
+        return entry
+
+    def subscribe(self, job: Job) -> Subscription:
+        """Attach to the in-flight Work for ``job.key``, starting it if there is none."""
+        subscription = self.registry.attach(job.key, lambda work: self._produce(work, job))
+        if subscription.joined:
+            self.metrics.coalesced.inc()
+        return subscription
+
+    async def _produce(self, work: Work, job: Job) -> None:
+        """Fetch, transform and spool into the cache; runs in the service nursery."""
+        chunk = self.config.cache.read_chunk
+        self.metrics.inflight_works.inc()
+        try:
+            async with (
+                self.cache.open_writer(
+                    job.key,
+                    content_type=job.options.content_type,
+                    ttl=self.config.cache.ttl,
+                    options=job.options.canonical(),
+                ) as writer,
+                job.source.source.open(job.source.path) as local,
+            ):
+                work.spool_into(writer)
+                self.metrics.origin_fetches.inc()
+                info = await self.transformer.probe(local.path)
+                self.metrics.transforms.inc()
+                self.metrics.transforms_running.inc()
+                try:
+                    async with self.transformer.open_output(local.path, info, job.options) as out:
+                        while data := await out.receive_some(chunk):
+                            await writer.write(data)
+                            work.advance(writer.bytes_written)
+                finally:
+                    self.metrics.transforms_running.dec()
+                if writer.bytes_written == 0:
+                    raise TransformFailed("ffmpeg succeeded but produced no output")
+                entry = await writer.commit()
+            work.finish(entry)
+            log.info("work done", key=job.key, size=entry.size)
+        finally:
+            self.metrics.inflight_works.dec()
+
+
+def build_cache(config: Config) -> CacheStore:
+    if config.cache.backend == "memory":
+        return MemoryCacheStore()
+    store = DiskCacheStore(config.resolve_path(config.cache.path), fsync=config.cache.fsync)
+    store.prepare()
+    return store
+
+
+@asynccontextmanager
+async def open_service(
+    config: Config,
+    *,
+    cache: CacheStore | None = None,
+    transformer: Transformer | None = None,
+    origins: Origins | None = None,
+) -> AsyncIterator[Service]:
+    """Build the service and run its nursery for the duration of the block.
+
+    Parts can be injected (tests pass fakes); by default they come from ``config``.
+    """
+    if transformer is None:
+        transformer = FfmpegTransformer(
+            resolve_ffmpeg(config.transform.ffmpeg or None),
+            timeout=config.transform.timeout,
+            probe_timeout=config.transform.probe_timeout,
+            kill_grace=config.transform.kill_grace,
+        )
+    async with trio.open_nursery() as nursery:
+        service = Service(
+            config,
+            cache=cache if cache is not None else build_cache(config),
+            origins=origins if origins is not None else Origins.from_config(config),
+            transformer=transformer,
+            registry=WorkRegistry(nursery),
+            metrics=Metrics(),
+        )
+        yield service
+        # Leaving the block ends every in-flight work (shutdown): their cleanup is shielded.
+        nursery.cancel_scope.cancel()
