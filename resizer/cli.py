@@ -1,0 +1,100 @@
+"""Command line: ``resizer serve`` and ``resizer check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import structlog
+import trio
+
+from .config import Config, load_config
+from .errors import ConfigError
+from .log import configure_logging
+from .samples import ensure_sample_media
+from .transform.runner import resolve_ffmpeg
+from .web.server import serve_resizer
+
+log = structlog.get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resizer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve HTTP (embedded defaults without --config)")
+    serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file)
+    return serve(args.config, host=args.host, port=args.port)
+
+
+def check_config(path: Path) -> int:
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        for key, message in exc.problems:
+            print(f"{path}: {key}: {message}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok")
+    return 0
+
+
+def serve(path: Path | None, *, host: str | None, port: int | None) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for key, message in exc.problems:
+            print(f"{path or '<default>'}: {key}: {message}", file=sys.stderr)
+        return 1
+    server = dataclasses.replace(
+        config.server,
+        host=host if host is not None else config.server.host,
+        port=port if port is not None else config.server.port,
+    )
+    config = dataclasses.replace(config, server=server)
+    configure_logging(config.logging.level, config.logging.format)
+    if path is None:
+        _prepare_default_media(config)
+    trio.run(_serve_until_signal, config)
+    return 0
+
+
+def _prepare_default_media(config: Config) -> None:
+    """The embedded default serves ./media: give a fresh checkout something to serve."""
+    root = config.resolve_path(config.origins[0].sources[0].root)
+    made = ensure_sample_media(root, resolve_ffmpeg(config.transform.ffmpeg or None))
+    for sample in made:
+        log.info("created sample clip", path=str(sample))
+
+
+async def _serve_until_signal(config: Config) -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def wait_for_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("shutting down", signal=signal.Signals(signum).name)
+                    stop.set()
+                    return
+
+        nursery.start_soon(wait_for_signal)
+        _, binds = await nursery.start(partial(serve_resizer, config, shutdown_trigger=stop))
+        for bind in binds:
+            log.info("serving", url=bind)
+        await stop.wait()
+    # serve_resizer returns once hypercorn has shut down gracefully.

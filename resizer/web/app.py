@@ -1,0 +1,196 @@
+"""The quart-trio application: routes, media responses and error rendering."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..cache.base import EntryMeta
+from ..concurrency.coalescing import Subscription
+from ..errors import ResizerError
+from ..metrics import CONTENT_TYPE_LATEST
+from ..options import TransformOptions, cache_key, parse_options
+from ..pipeline import Job, Service
+from .asgi import ExchangeGuard, release_on_exchange_end
+from .ranges import ByteRange, http_date, if_range_allows, not_modified, parse_range
+
+log = structlog.get_logger(__name__)
+
+NO_STORE = "no-store"
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str]) -> Response:
+    body = json.dumps({"error": code, "message": message, "status": status})
+    response = Response(body, status=status, content_type="application/json")
+    response.headers["Cache-Control"] = NO_STORE
+    response.headers.update(headers)
+    return response
+
+
+def create_app(service: Service) -> ExchangeGuard:
+    """The ASGI application for ``service`` (Quart wrapped in the exchange guard)."""
+    app = QuartTrio(__name__)
+    # Quart cuts any response still streaming after RESPONSE_TIMEOUT (60 s) without a trace.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # resizer takes no request bodies
+
+    @app.before_request
+    async def bind_request_id() -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16],
+            method=request.method,
+            path=request.path,
+        )
+
+    @app.after_request
+    async def count_and_tag(response: Response) -> Response:
+        service.metrics.requests.labels(request.method, str(response.status_code)).inc()
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        if request_id:
+            response.headers["X-Request-Id"] = str(request_id)
+        return response
+
+    @app.errorhandler(ResizerError)
+    async def render_resizer_error(error: ResizerError) -> Response:
+        level = log.warning if error.status >= 500 else log.info
+        level("request refused", status=error.status, code=error.code, reason=error.message)
+        message = error.public_message or error.message
+        return error_response(error.status, error.code, message, error.headers())
+
+    @app.errorhandler(HTTPException)
+    async def render_http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = (error.name or "error").lower().replace(" ", "_")
+        return error_response(status, code, error.description or code, {})
+
+    @app.errorhandler(Exception)
+    async def render_bug(error: Exception) -> Response:
+        log.error("unhandled error", exc_info=error)
+        return error_response(500, "internal_error", "an internal error occurred", {})
+
+    @app.route("/healthz", methods=["GET"])
+    async def healthz() -> Response:
+        return Response(
+            json.dumps({"status": "ok"}),
+            content_type="application/json",
+            headers={"Cache-Control": NO_STORE},
+        )
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.route("/<path:_path>", methods=["GET", "HEAD"])
+    async def media(_path: str) -> Response:
+        return await serve_media(service)
+
+    return ExchangeGuard(app)
+
+
+async def serve_media(service: Service) -> Response:
+    started = trio.current_time()
+    query = {key: value for key, value in request.args.items()}
+    options = parse_options(query, service.limits)
+    path = request.path
+    key = cache_key(path, options)
+    head = request.method == "HEAD"
+
+    entry = await service.lookup(key)
+    if entry is not None:
+        response = respond_from_cache(service, entry, head=head)
+        status = "HIT"
+    else:
+        resolved = await service.origins.resolve(path)
+        if head:
+            # Answering HEAD must not cost a transcode: say what a GET would send, which
+            # has no Content-Length yet (an empty iterable keeps Quart from adding one).
+            response = Response(no_body(), status=200)
+            response.headers["X-Cache-Status"] = "MISS"
+            status = "MISS"
+        else:
+            subscription = service.subscribe(Job(key, resolved, options))
+            release_on_exchange_end(subscription.detach)
+            await subscription.wait_first_bytes()
+            status = "COALESCED" if subscription.joined else "MISS"
+            response = Response(stream_subscription(service, subscription), status=200)
+            response.headers["X-Cache-Status"] = status
+        response.headers["X-Origin"] = resolved.origin
+        response.headers["X-Source"] = resolved.source.kind
+        apply_representation_headers(response, service, options)
+    service.metrics.request_seconds.labels(status).observe(trio.current_time() - started)
+    return response
+
+
+def apply_representation_headers(
+    response: Response, service: Service, options: TransformOptions
+) -> None:
+    response.headers["Content-Type"] = options.content_type
+    response.headers["Accept-Ranges"] = "bytes"
+    response.headers["Cache-Control"] = f"public, max-age={int(service.config.cache.ttl)}"
+
+
+def respond_from_cache(service: Service, entry: EntryMeta, *, head: bool) -> Response:
+    max_age = max(0, int(entry.expires - time.time()))
+    headers = {
+        "ETag": entry.etag,
+        "Last-Modified": http_date(entry.created),
+        "Cache-Control": f"public, max-age={max_age}",
+        "Accept-Ranges": "bytes",
+        "X-Cache-Status": "HIT",
+    }
+    if not_modified(
+        if_none_match=request.headers.get("If-None-Match"),
+        if_modified_since=request.headers.get("If-Modified-Since"),
+        etag=entry.etag,
+        last_modified=entry.created,
+    ):
+        return Response(b"", status=304, headers=headers)
+
+    selected: ByteRange | None = None
+    if if_range_allows(request.headers.get("If-Range"), entry.etag):
+        selected = parse_range(request.headers.get("Range"), entry.size)  # may raise 416
+    chosen = selected or ByteRange(0, entry.size)
+    if selected is not None:
+        headers["Content-Range"] = selected.content_range(entry.size)
+    body: bytes | AsyncIterator[bytes] = b"" if head else stream_entry(service, entry, chosen)
+    response = Response(body, status=206 if selected else 200, headers=headers)
+    response.headers["Content-Type"] = entry.content_type
+    response.headers["Content-Length"] = str(chosen.length)
+    return response
+
+
+async def no_body() -> AsyncIterator[bytes]:
+    """An empty streamed body (Quart's sync-iterable bodies need asyncio)."""
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+async def stream_entry(
+    service: Service, entry: EntryMeta, chosen: ByteRange
+) -> AsyncIterator[bytes]:
+    chunk = service.config.cache.read_chunk
+    async with service.cache.open_range(entry, chosen.start, chosen.stop, chunk) as chunks:
+        async for data in chunks:
+            yield data
+
+
+async def stream_subscription(service: Service, subscription: Subscription) -> AsyncIterator[bytes]:
+    """The Work's output, live; detaching when the client goes lets the Work stop."""
+    complete = False
+    try:
+        async for data in subscription.iter_bytes(0, service.config.cache.read_chunk):
+            yield data
+        complete = True
+    finally:
+        subscription.detach()
+        if not complete:
+            service.metrics.stream_aborts.inc()

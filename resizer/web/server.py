@@ -1,0 +1,57 @@
+"""Run the service under hypercorn's trio worker, in-process."""
+
+from __future__ import annotations
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from ..config import Config
+from ..pipeline import Service, open_service
+from ..transform.base import Transformer
+from .app import create_app
+
+
+def hypercorn_config(config: Config, *, port: int | None = None) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [f"{config.server.host}:{config.server.port if port is None else port}"]
+    hc.graceful_timeout = config.server.graceful_timeout
+    hc.accesslog = None
+    hc.errorlog = "-"
+    return hc
+
+
+async def serve_resizer(
+    config: Config,
+    *,
+    port: int | None = None,
+    task_status: trio.TaskStatus[tuple[Service, list[str]]] = trio.TASK_STATUS_IGNORED,
+    shutdown_trigger: trio.Event | None = None,
+    transformer: Transformer | None = None,
+) -> None:
+    """Serve until cancelled (or ``shutdown_trigger`` is set); report the bound addresses.
+
+    ``transformer`` replaces ffmpeg (tests inject a fake to script failures).
+    """
+    async with (
+        open_service(config, transformer=transformer) as service,
+        trio.open_nursery() as nursery,
+    ):
+        binds: list[str] = await nursery.start(
+            _serve_http, service, hypercorn_config(config, port=port), shutdown_trigger
+        )
+        task_status.started((service, binds))
+
+
+async def _serve_http(
+    service: Service,
+    hc: HypercornConfig,
+    shutdown_trigger: trio.Event | None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(
+        create_app(service),
+        hc,
+        shutdown_trigger=shutdown_trigger.wait if shutdown_trigger is not None else None,
+        task_status=task_status,
+    )

@@ -1,0 +1,55 @@
+"""Start the real server on a free port for integration tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from resizer.config import Config, load_config
+from resizer.pipeline import Service
+from resizer.transform.base import Transformer
+from resizer.web.server import serve_resizer
+
+
+def server_config(media: Path, cache: Path, extra: str = "") -> Config:
+    """A configuration serving ``/videos/<path>`` from ``media`` with a disk cache in ``cache``."""
+    text = f"""
+    [server]
+    host = "127.0.0.1"
+    port = 0
+    [cache]
+    backend = "disk"
+    path = "{cache}"
+    [[origins]]
+    name = "videos"
+    matcher = "^/videos/(?P<path>.+)$"
+    [[origins.sources]]
+    type = "filesystem"
+    root = "{media}"
+    path = "${{path}}"
+    {extra}
+    """
+    return load_config(text=text, env={})
+
+
+@dataclass
+class RunningServer:
+    url: str
+    service: Service
+    host: str
+    port: int
+
+
+async def start_server(
+    nursery: trio.Nursery, config: Config, transformer: Transformer | None = None
+) -> RunningServer:
+    """Serve ``config`` in ``nursery`` (cancelled with it) and return where it listens."""
+    service, binds = await nursery.start(
+        partial(serve_resizer, config, port=0, transformer=transformer)
+    )
+    url = binds[0]
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return RunningServer(url=url, service=service, host=host, port=int(port))
