@@ -116,3 +116,9 @@ def test_check_config_accepts_a_valid_file(
     )
     assert main(["check-config", str(file)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_shipped_example_configuration_is_valid() -> None:
+    """deploy/resizer.example.toml passes check-config, so the documented example works."""
+    example = Path(__file__).parent.parent / "deploy" / "resizer.example.toml"
+    assert main(["check-config", str(example)]) == 0
