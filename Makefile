@@ -19,8 +19,8 @@ run: install
 	$(BIN)/resizer serve
 
 lint: install
-	$(BIN)/ruff check resizer tests loadtest
-	$(BIN)/ruff format --check resizer tests loadtest
+	$(BIN)/ruff check resizer tests
+	$(BIN)/ruff format --check resizer tests
 	$(BIN)/mypy
 
 unit: install
