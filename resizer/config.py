@@ -18,8 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NewType, get_args, get_origin, get_type_hints
 
-from .errors import ConfigError
-from .options import MAX_DIMENSION, MIN_DIMENSION
+from .errors import ConfigError, InvalidOption
+from .options import (
+    ALIASES,
+    MAX_DIMENSION,
+    MIN_DIMENSION,
+    PARAMS,
+    Limits,
+    build_options,
+    normalize_params,
+)
 from .units import DAYS, HOURS, MINUTES, SECONDS, GiB, KiB, MiB
 
 Duration = NewType("Duration", float)  # seconds
@@ -63,6 +71,52 @@ class TransformConfig:
 class LimitsConfig:
     max_width: int = MAX_DIMENSION
     max_height: int = MAX_DIMENSION
+    # Outputs (video, audio, spritesheet spans) are never longer than this; it is also the
+    # ceiling of the `duration` option.
+    max_duration: Duration = Duration(5 * MINUTES)
+    # Output length when `duration` is not given; 0 means the rest of the source (capped).
+    default_duration: Duration = Duration(0)
+    max_source_size: ByteSize = ByteSize(256 * MiB)  # 413 beyond, enforced while reading
+    max_source_duration: Duration = Duration(2 * HOURS)  # 422 beyond
+    # Decompression-bomb guard: width x height of the source's video (422 beyond).
+    max_source_pixels: int = 4096 * 4096
+
+    def options_limits(self) -> Limits:
+        return Limits(
+            max_width=self.max_width,
+            max_height=self.max_height,
+            max_duration_ms=round(self.max_duration * 1000),
+            default_duration_ms=round(self.default_duration * 1000) or None,
+        )
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    # Hosts whose absolute http(s) URLs the /cdn-cgi/media form may fetch; empty: none (403).
+    allowed_remote_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResponsiveConfig:
+    """Choosing a derivative from IMQuery parameters, client hints and the User-Agent."""
+
+    enabled: bool = True
+    # derivative -> the largest physical width (CSS px x density) it serves; the widest
+    # derivative also takes everything above.
+    breakpoints: dict[str, int] = field(
+        default_factory=lambda: {"mobile": 854, "tablet": 1280, "desktop": 1920}
+    )
+    # device class read from the User-Agent -> derivative (no match: source size).
+    devices: dict[str, str] = field(
+        default_factory=lambda: {"mobile": "mobile", "tablet": "tablet", "desktop": "desktop"}
+    )
+    save_data_derivative: str = "mobile"  # Save-Data: on
+    slow_network_derivative: str = "mobile"  # ECT: slow-2g or 2g
+    medium_network_derivative: str = "tablet"  # ECT: 3g caps at this one
+    # imwidth + imheight: a derivative matches when both its size and its aspect ratio lie
+    # within these relative tolerances; otherwise the values are used directly.
+    size_tolerance: float = 0.25
+    aspect_tolerance: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -87,6 +141,11 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    responsive: ResponsiveConfig = field(default_factory=ResponsiveConfig)
+    derivatives: dict[str, dict[str, str]] = field(
+        default_factory=lambda: dict(DEFAULT_DERIVATIVES)
+    )
     origins: tuple[OriginConfig, ...] = ()
     # Folder that relative paths in this configuration are relative to.
     base_dir: Path = field(default_factory=Path.cwd)
@@ -122,6 +181,16 @@ _SECTIONS: dict[str, type[Any]] = {
     "cache": CacheConfig,
     "transform": TransformConfig,
     "limits": LimitsConfig,
+    "security": SecurityConfig,
+    "responsive": ResponsiveConfig,
+}
+
+# Shipped presets; [derivatives.<name>] tables add to or replace them.
+DEFAULT_DERIVATIVES: dict[str, dict[str, str]] = {
+    "desktop": {"width": "1920", "height": "1080", "fit": "scale-down"},
+    "tablet": {"width": "1280", "height": "720", "fit": "scale-down"},
+    "mobile": {"width": "854", "height": "480", "fit": "scale-down"},
+    "thumbnail": {"mode": "frame", "width": "640", "height": "360", "format": "jpg"},
 }
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -201,6 +270,32 @@ def _convert(value: object, hint: Any, *, from_env: bool) -> object:
         if not isinstance(value, str):
             raise ValueError(f"{value!r} is not a string")
         return value
+    if hint is float:
+        if from_env and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{value!r} is not a number")
+        return float(value)
+    if get_origin(hint) is tuple:
+        items = value.split(",") if from_env and isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"{value!r} is not a list of strings")
+        if not all(isinstance(item, str) for item in items):
+            raise ValueError(f"{value!r} is not a list of strings")
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    if get_origin(hint) is dict:
+        value_type = get_args(hint)[1]
+        if not isinstance(value, dict):
+            raise ValueError(f"{value!r} is not a table")
+        for item in value.values():
+            if value_type is int and (isinstance(item, bool) or not isinstance(item, int)):
+                raise ValueError(f"{item!r} is not an integer")
+            if value_type is str and not isinstance(item, str):
+                raise ValueError(f"{item!r} is not a string")
+        return dict(value)
     raise TypeError(f"unsupported config type {hint!r}")  # a bug in this module
 
 
@@ -285,8 +380,67 @@ def _build_origins(raw: object, problems: _Problems) -> tuple[OriginConfig, ...]
     return tuple(origins)
 
 
+def _build_derivatives(raw: object, problems: _Problems) -> dict[str, dict[str, str]]:
+    derivatives = dict(DEFAULT_DERIVATIVES)
+    if not isinstance(raw, dict):
+        problems.add("derivatives", "must be a table of [derivatives.<name>] tables")
+        return derivatives
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            problems.add(f"derivatives.{name}", "must be a table of option keys")
+            continue
+        values: dict[str, str] = {}
+        for key, value in table.items():
+            if isinstance(value, dict | list):
+                problems.add(f"derivatives.{name}.{key}", "must be a string, number or boolean")
+                continue
+            values[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        derivatives[name] = values
+    return derivatives
+
+
+def _check_derivatives(config: Config, problems: _Problems) -> None:
+    """Each derivative must be a valid set of options within the limits."""
+    limits = config.limits.options_limits()
+    for name, values in config.derivatives.items():
+        unknown = set(values) - {p.lower() for p in PARAMS} - {p for p in PARAMS}
+        unknown -= set(ALIASES)
+        for key in sorted(unknown):
+            problems.add(f"derivatives.{name}.{key}", "not an option name")
+        try:
+            build_options(normalize_params(values), limits)
+        except InvalidOption as exc:
+            problems.add(f"derivatives.{name}.{exc.param}", exc.message)
+    responsive = config.responsive
+    referenced = [
+        *(f"responsive.breakpoints.{name}" for name in responsive.breakpoints),
+        *(f"responsive.devices.{d}" for d in responsive.devices),
+        "responsive.save_data_derivative",
+        "responsive.slow_network_derivative",
+        "responsive.medium_network_derivative",
+    ]
+    names = [
+        *responsive.breakpoints,
+        *responsive.devices.values(),
+        responsive.save_data_derivative,
+        responsive.slow_network_derivative,
+        responsive.medium_network_derivative,
+    ]
+    for where, name in zip(referenced, names, strict=True):
+        if name not in config.derivatives:
+            problems.add(where, f"no derivative named {name!r}")
+    for device in responsive.devices:
+        if device not in ("mobile", "tablet", "desktop"):
+            problems.add(f"responsive.devices.{device}", "device classes: mobile, tablet, desktop")
+
+
 def _check(config: Config, problems: _Problems) -> None:
     """Cross-field rules that a single key's type cannot express."""
+    _check_derivatives(config, problems)
+    if config.limits.max_duration < 1:
+        problems.add("limits.max_duration", "must be at least 1s")
+    if config.limits.default_duration > config.limits.max_duration:
+        problems.add("limits.default_duration", "must not exceed limits.max_duration")
     if not 0 <= config.server.port <= 65535:
         problems.add("server.port", f"{config.server.port} is not a TCP port (0-65535)")
     for key in ("max_width", "max_height"):
@@ -324,7 +478,7 @@ def load_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([(str(path or "<config>"), f"invalid TOML: {exc}")]) from exc
 
-    known = {*_SECTIONS, "origins"}
+    known = {*_SECTIONS, "origins", "derivatives"}
     for key in data:
         if key not in known:
             problems.add(key, f"unknown section; allowed: {', '.join(sorted(known))}")
@@ -341,7 +495,10 @@ def load_config(
             sections["transform"], ffmpeg=env["RESIZER_FFMPEG"]
         )
     config = Config(
-        origins=_build_origins(data.get("origins", []), problems), base_dir=base_dir, **sections
+        origins=_build_origins(data.get("origins", []), problems),
+        derivatives=_build_derivatives(data.get("derivatives", {}), problems),
+        base_dir=base_dir,
+        **sections,
     )
     _check(config, problems)
     if problems.items:

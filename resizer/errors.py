@@ -36,6 +36,13 @@ class InvalidOption(ResizerError):
         self.param = param
 
 
+class Forbidden(ResizerError):
+    """The request names something resizer must not fetch (e.g. a host not allowed)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(ResizerError):
     status = 404
     code = "not_found"
@@ -51,6 +58,33 @@ class SourceNotFound(NotFound):
     """The origin matched but the source object does not exist."""
 
     code = "source_not_found"
+
+
+class SourceTooLarge(ResizerError):
+    """The source exceeds ``[limits] max_source_size`` (checked while reading, not only from
+    Content-Length)."""
+
+    status = 413
+    code = "source_too_large"
+
+
+class SourceLimitExceeded(ResizerError):
+    """The source decodes but is beyond a configured limit (duration, pixels)."""
+
+    status = 422
+    code = "source_limit_exceeded"
+
+
+class OriginFailed(ResizerError):
+    """A remote origin answered with an error or could not be reached."""
+
+    status = 502
+    code = "origin_failed"
+
+
+class OriginTimeout(ResizerError):
+    status = 504
+    code = "origin_timeout"
 
 
 class UnsupportedMedia(ResizerError):
