@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from resizer.errors import TransformFailed, TransformTimeout, UndecodableSource, UnsupportedMedia
-from resizer.options import Mode, OutputFormat, TransformOptions
-from resizer.transform.argv import EncoderSettings, build_argv, video_scale_filter
+from resizer.options import Fit, Level, Mode, OutputFormat, TransformOptions
+from resizer.transform.argv import (
+    EncoderSettings,
+    SizePlan,
+    build_argv,
+    output_span_ms,
+    plan_size,
+    sheet_layout,
+    video_scale_filter,
+)
 from resizer.transform.base import MediaInfo
 from resizer.transform.fake import FakeTransformer
 from resizer.transform.probe import parse_probe_output
 from resizer.transform.runner import FfmpegTransformer, resolve_ffmpeg
+from resizer.transform.vtt import build_thumbnail_vtt, vtt_timestamp
 from tests.media import ffmpeg_banner, ffmpeg_exe, make_test_video
 
 BANNERS = Path(__file__).parent / "banners"
@@ -336,3 +347,153 @@ async def test_fake_transformer_counts_runs_and_fails_on_request() -> None:
         with pytest.raises(TransformFailed):
             await output.receive_some()
     assert (fake.runs_started, fake.runs_failed, fake.running) == (1, 1, 0)
+
+
+# --- sizes, spans and all modes (pure) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "fit", "expected"),
+    [
+        (160, None, Fit.CONTAIN, SizePlan((160, 90))),
+        (None, 90, Fit.CONTAIN, SizePlan((160, 90))),
+        (300, 300, Fit.CONTAIN, SizePlan((300, 168))),
+        (300, 300, Fit.COVER, SizePlan((534, 300), crop=(300, 300))),
+        (2000, 2000, Fit.SCALE_DOWN, SizePlan((1280, 720))),
+        (2000, None, Fit.CONTAIN, SizePlan((2000, 1124))),
+        (161, None, Fit.CONTAIN, SizePlan((160, 90))),
+        (None, None, Fit.COVER, SizePlan((1280, 720))),
+    ],
+)
+def test_plan_size_for_video(
+    width: int | None, height: int | None, fit: Fit, expected: SizePlan
+) -> None:
+    """contain fits inside, cover fills and crops, scale-down never upscales; all even."""
+    plan = plan_size((1280, 720), width, height, fit, even=True)
+    assert plan == expected
+    assert all(v % 2 == 0 for v in plan.output)
+
+
+@given(
+    st.integers(16, 4000),
+    st.integers(16, 4000),
+    st.integers(10, 2000),
+    st.integers(10, 2000),
+    st.sampled_from(list(Fit)),
+)
+def test_tiles_are_always_exactly_the_box(
+    src_w: int, src_h: int, width: int, height: int, fit: Fit
+) -> None:
+    """Spritesheet tiles are exactly width x height for every source shape and fit."""
+    plan = plan_size((src_w, src_h), width, height, fit, exact_box=True)
+    assert plan.output == (width, height)
+    if fit is Fit.COVER:
+        assert plan.scale[0] >= width
+        assert plan.scale[1] >= height
+    else:
+        assert plan.scale[0] <= width
+        assert plan.scale[1] <= height
+    if fit is Fit.SCALE_DOWN:
+        assert plan.scale[0] <= src_w
+        assert plan.scale[1] <= src_h
+
+
+def test_video_argv_for_every_video_option() -> None:
+    """time/duration/fps/audio/quality/compression map to -ss/-t/fps/-an/-crf/-preset."""
+    argv = argv_for(
+        HD,
+        time_ms=1500,
+        duration_ms=2000,
+        fps=10,
+        audio=False,
+        quality=Level.HIGH,
+        compression=Level.HIGH,
+        width=640,
+        height=640,
+        fit=Fit.COVER,
+    )
+    assert argv.index("-ss") < argv.index("-i")
+    assert value_after(argv, "-ss") == "1.500"
+    assert value_after(argv, "-t") == "2.000"
+    assert value_after(argv, "-vf").startswith("fps=10,scale=1138:640")
+    assert "crop=640:640" in value_after(argv, "-vf")
+    assert "-an" in argv
+    assert "0:a:0" not in argv
+    assert (value_after(argv, "-crf"), value_after(argv, "-preset")) == ("19", "medium")
+    assert value_after(argv, "-g") == "20"
+
+
+def test_output_never_exceeds_the_maximum_duration() -> None:
+    """Without duration the output runs to the end, capped at max_output_seconds."""
+    long = MediaInfo(3_600_000, 1280, 720, True, "h264", 25.0)
+    assert output_span_ms(TransformOptions(), long, 300) == 300_000
+    assert output_span_ms(TransformOptions(time_ms=5000), HD, 300) == 310
+    assert output_span_ms(TransformOptions(duration_ms=2000), HD, 300) == 2000
+
+
+def test_audio_argv_and_silent_sources() -> None:
+    """mode=audio maps the first audio stream to fragmented AAC; no audio track -> 415."""
+    argv = argv_for(HD, mode=Mode.AUDIO, format=OutputFormat.M4A, quality=Level.LOW)
+    assert "-vn" in argv
+    assert value_after(argv, "-map") == "0:a:0"
+    assert value_after(argv, "-b:a") == "96k"
+    assert value_after(argv, "-frag_duration") == "1000000"
+    with pytest.raises(UnsupportedMedia):
+        argv_for(SILENT, mode=Mode.AUDIO, format=OutputFormat.M4A)
+
+
+def test_frame_formats_and_quality() -> None:
+    """webp uses libwebp at the quality's level; jpg uses -q:v."""
+    webp = argv_for(HD, mode=Mode.FRAME, format=OutputFormat.WEBP, quality=Level.HIGH)
+    assert (value_after(webp, "-c:v"), value_after(webp, "-quality")) == ("libwebp", "90")
+    jpg = argv_for(HD, mode=Mode.FRAME, format=OutputFormat.JPG, quality=Level.LOW)
+    assert value_after(jpg, "-q:v") == "8"
+
+
+def test_spritesheet_argv_samples_n_frames_into_a_grid() -> None:
+    """16 tiles of 160x90 from 2 s: fps=16000/2000, at most 16 frames, a 4x4 tile grid."""
+    argv = argv_for(
+        HD,
+        mode=Mode.SPRITESHEET,
+        format=OutputFormat.JPG,
+        width=160,
+        height=90,
+        time_ms=1000,
+        duration_ms=2000,
+    )
+    graph = value_after(argv, "-vf")
+    assert graph.startswith("fps=16000/2000,trim=end_frame=16,scale=160:90")
+    assert graph.endswith("tile=4x4:nb_frames=16")
+    assert value_after(argv, "-frames:v") == "1"
+    with pytest.raises(ValueError, match="WebVTT"):
+        argv_for(HD, mode=Mode.SPRITESHEET, format=OutputFormat.VTT, width=160, height=90)
+
+
+@pytest.mark.parametrize(
+    ("count", "layout"), [(1, (1, 1)), (2, (2, 1)), (9, (3, 3)), (10, (4, 3)), (100, (10, 10))]
+)
+def test_sheet_layout(count: int, layout: tuple[int, int]) -> None:
+    """ceil(sqrt(n)) columns and as many rows as needed."""
+    assert sheet_layout(count) == layout
+
+
+@given(st.integers(1, 100), st.integers(0, 600_000), st.integers(1, 300_000))
+def test_vtt_cues_tile_the_span_and_the_sheet(count: int, start: int, span: int) -> None:
+    """Cues are contiguous over [start, start+span) and their rectangles tile the grid."""
+    info = MediaInfo(start + span, 1280, 720, True, "h264", 25.0)
+    options = TransformOptions(
+        mode=Mode.SPRITESHEET, width=160, height=90, time_ms=start, image_count=count,
+        format=OutputFormat.VTT,
+    )  # fmt: skip
+    text = build_thumbnail_vtt("/s.jpg", options, info, 300)
+    assert text.startswith("WEBVTT\n\n")
+    cues = re.findall(r"(\S+) --> (\S+)\n/s\.jpg#xywh=(\d+),(\d+),160,90", text)
+    assert len(cues) == count
+    columns, rows = sheet_layout(count)
+    spots = {(int(x), int(y)) for _, _, x, y in cues}
+    assert len(spots) == count
+    assert all(x < columns * 160 and y < rows * 90 for x, y in spots)
+    for previous, current in itertools.pairwise(cues):
+        assert previous[1] == current[0]  # contiguous, no overlap
+    assert cues[0][0] == vtt_timestamp(start)
+    assert cues[-1][1] == vtt_timestamp(start + min(span, 300_000))

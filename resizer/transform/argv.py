@@ -6,18 +6,20 @@ protocol), ``-protocol_whitelist file,pipe`` keeps ffmpeg off the network, and
 as an ffconcat script or an HLS playlist makes ffmpeg open other local files, which the
 protocol whitelist alone does not stop (``file`` is allowed).
 
-Scaling uses lanczos: sharper than bicubic when downscaling, and its cost is small next to
-the H.264 encode. ffmpeg auto-rotates by the display matrix before our filters run, so ``iw``
-and ``ih`` in the expressions below are the displayed (upright) size.
+Output sizes are computed here from the probed (display, i.e. rotated) size rather than left
+to ffmpeg expressions, so fit rules are exact and testable. Scaling uses lanczos: sharper
+than bicubic when downscaling, and its cost is small next to the H.264 encode. ffmpeg
+auto-rotates by the display matrix before our filters run.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidOption
-from ..options import FORMATS_BY_MODE, Mode, OutputFormat, TransformOptions
+from ..errors import InvalidOption, UnsupportedMedia
+from ..options import FORMATS_BY_MODE, Fit, Level, Mode, OutputFormat, TransformOptions
 from .base import MediaInfo
 
 # Demuxers a source may be read with: common video containers, plus audio and still-image
@@ -58,26 +60,37 @@ DEFAULT_INPUT_FORMATS: tuple[str, ...] = (
 
 FRAGMENTED_MP4_FLAGS = "frag_keyframe+empty_moov+default_base_moof"
 
+# quality -> encoder settings (docs/api.md cites these tables).
+VIDEO_CRF = {Level.LOW: 28, Level.MEDIUM: 23, Level.HIGH: 19, Level.AUTO: 23}
+AUDIO_BITRATE = {Level.LOW: "96k", Level.MEDIUM: "128k", Level.HIGH: "160k", Level.AUTO: "128k"}
+JPEG_QSCALE = {Level.LOW: 8, Level.MEDIUM: 4, Level.HIGH: 2, Level.AUTO: 3}  # 2 best .. 31
+WEBP_QUALITY = {Level.LOW: 50, Level.MEDIUM: 75, Level.HIGH: 90, Level.AUTO: 80}
+# compression -> x264 preset: more effort, smaller file. auto favours latency.
+X264_PRESET = {
+    Level.LOW: "ultrafast",
+    Level.MEDIUM: "veryfast",
+    Level.HIGH: "medium",
+    Level.AUTO: "veryfast",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class EncoderSettings:
     """Encoder knobs that are deployment choices rather than request options."""
 
     video_codec: str = "libx264"
-    preset: str = "veryfast"
-    crf: int = 23
     audio_codec: str = "aac"
-    audio_bitrate: str = "128k"
     audio_channels: int = 2
     threads: int = 0  # 0: let the encoder choose
     # A keyframe (and so a new MP4 fragment) every this many seconds: bounds the time to the
     # first media fragment and the seek granularity of the streamed output.
     gop_seconds: float = 2.0
     scale_flags: str = "lanczos"
-    jpeg_quality: int = 3  # mjpeg -q:v, 2 (best) .. 31
     # A frame requested within this many seconds of the end is taken from the last frames
     # decoded, because a plain seek past the last frame yields no frame at all.
     tail_seconds: float = 0.5
+    # No output (video, audio, spritesheet span) is longer than this ([limits] max_duration).
+    max_output_seconds: float = 300.0
     # Empty: no demuxer restriction (not recommended, see the module docstring).
     input_formats: tuple[str, ...] = DEFAULT_INPUT_FORMATS
 
@@ -95,6 +108,118 @@ def probe_argv(ffmpeg: str, source: Path, settings: EncoderSettings) -> list[str
     return [ffmpeg, "-hide_banner", "-nostdin", *input_args(source, settings)]
 
 
+# --- sizes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SizePlan:
+    """Scale to ``scale``, then crop to ``crop`` or pad to ``pad`` (centred)."""
+
+    scale: tuple[int, int]
+    crop: tuple[int, int] | None = None
+    pad: tuple[int, int] | None = None
+
+    @property
+    def output(self) -> tuple[int, int]:
+        return self.crop or self.pad or self.scale
+
+
+def _even(value: int) -> int:
+    return max(2, value - value % 2)
+
+
+def plan_size(
+    source: tuple[int, int],
+    width: int | None,
+    height: int | None,
+    fit: Fit,
+    *,
+    even: bool = False,
+    exact_box: bool = False,
+) -> SizePlan:
+    """The output size for ``fit`` (see options.Fit). ``even``: H.264 4:2:0 needs even sizes
+    (odd requests round down); ``exact_box``: pad contain/scale-down results to the box
+    (spritesheet tiles are all exactly width x height)."""
+    src_w, src_h = source
+    fix = _even if even else (lambda v: max(1, v))
+    if width is None and height is None:
+        return SizePlan((fix(src_w), fix(src_h)))
+    if width is not None and height is not None:
+        box = (fix(width), fix(height))
+        if fit is Fit.COVER:
+            ratio = max(box[0] / src_w, box[1] / src_h)
+            scaled = (max(box[0], math.ceil(src_w * ratio)), max(box[1], math.ceil(src_h * ratio)))
+            return SizePlan(scaled, crop=box)
+        ratio = min(box[0] / src_w, box[1] / src_h)
+    else:
+        ratio = (width / src_w) if width is not None else (height or 0) / src_h
+        box = None
+    if fit is Fit.SCALE_DOWN:
+        ratio = min(ratio, 1.0)
+    scaled = (fix(round(src_w * ratio)), fix(round(src_h * ratio)))
+    if box is not None:  # rounding must never overflow the box
+        scaled = (min(scaled[0], box[0]), min(scaled[1], box[1]))
+        if exact_box and scaled != box:
+            return SizePlan(scaled, pad=box)
+    return SizePlan(scaled)
+
+
+def size_filters(plan: SizePlan, flags: str) -> list[str]:
+    filters = [f"scale={plan.scale[0]}:{plan.scale[1]}:flags={flags}"]
+    if plan.crop:
+        filters.append(f"crop={plan.crop[0]}:{plan.crop[1]}")
+    if plan.pad:
+        filters.append(f"pad={plan.pad[0]}:{plan.pad[1]}:(ow-iw)/2:(oh-ih)/2:black")
+    # Square pixels: the output's display size is its pixel size.
+    return [*filters, "setsar=1"]
+
+
+def video_scale_filter(width: int | None, height: int | None, flags: str) -> str:
+    """H.264 in 4:2:0 needs even dimensions, so every branch yields even ones (used when the
+    source size is unknown; ``plan_size`` is preferred)."""
+    width = None if width is None else width - width % 2
+    height = None if height is None else height - height % 2
+    if width is not None and height is not None:
+        size = f"{width}:{height}:force_original_aspect_ratio=decrease:force_divisible_by=2"
+    elif width is not None:
+        size = f"{width}:-2"
+    elif height is not None:
+        size = f"-2:{height}"
+    else:
+        size = "trunc(iw/2)*2:trunc(ih/2)*2"
+    return f"scale={size}:flags={flags}"
+
+
+# --- time ----------------------------------------------------------------------------------
+
+
+def output_span_ms(options: TransformOptions, info: MediaInfo, max_output_seconds: float) -> int:
+    """How long the output lasts: the duration asked for, else the rest of the source,
+    never beyond the configured maximum."""
+    cap = round(max_output_seconds * 1000)
+    rest = None if info.duration_ms is None else max(0, info.duration_ms - options.time_ms)
+    wanted = options.duration_ms if options.duration_ms is not None else rest
+    span = cap if wanted is None else min(wanted, cap)
+    if rest is not None:
+        span = min(span, rest)
+    return max(1, span)
+
+
+def sheet_layout(count: int) -> tuple[int, int]:
+    """(columns, rows) of a spritesheet of ``count`` tiles: ceil(sqrt(n)) columns."""
+    columns = math.ceil(math.sqrt(count))
+    return columns, math.ceil(count / columns)
+
+
+def sprite_times(start_ms: int, span_ms: int, count: int) -> list[int]:
+    """When each tile's frame is taken: evenly over [start, start + span). Tile i stands for
+    [t_i, t_{i+1}), the last one until start + span."""
+    return [start_ms + (span_ms * i) // count for i in range(count)]
+
+
+# --- command lines -------------------------------------------------------------------------
+
+
 def build_argv(
     ffmpeg: str,
     source: Path,
@@ -110,32 +235,53 @@ def build_argv(
             f"{options.format.value!r} is not allowed with mode={options.mode.value}; "
             f"allowed: {allowed}",
         )
+    if options.format is OutputFormat.VTT:
+        raise ValueError("a WebVTT track is built by transform.vtt, not by ffmpeg")
     common = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y"]
-    if options.mode is Mode.VIDEO:
-        return [*common, *input_args(source, settings), *_video_args(info, options, settings)]
-    seek, filters = _frame_seek_and_filters(info, options, settings)
-    return [
-        *common,
-        "-ss",  # before -i: a fast keyframe seek, then decoding only up to the instant
-        _seconds(seek),
-        *input_args(source, settings),
-        *_frame_args(filters, options, settings),
-    ]
+    if options.mode is Mode.FRAME:
+        seek, filters = _frame_seek_and_filters(info, options, settings)
+        return [
+            *common,
+            "-ss",  # before -i: a fast keyframe seek, then decoding only up to the instant
+            _seconds(seek),
+            *input_args(source, settings),
+            *_frame_args(filters, options),
+        ]
+    span = output_span_ms(options, info, settings.max_output_seconds)
+    # -ss before -i seeks fast, and re-encoding makes the cut frame-accurate.
+    start = ["-ss", _seconds(options.time_ms / 1000)] if options.time_ms else []
+    clip = [*start, *input_args(source, settings), "-t", _seconds(span / 1000)]
+    if options.mode is Mode.AUDIO:
+        return [*common, *clip, *_audio_args(info, options, settings)]
+    if options.mode is Mode.SPRITESHEET:
+        return [*common, *clip, *_sheet_args(info, options, settings, span)]
+    return [*common, *clip, *_video_args(info, options, settings)]
 
 
 def _video_args(info: MediaInfo, options: TransformOptions, settings: EncoderSettings) -> list[str]:
+    with_audio = info.has_audio and options.audio
     args = ["-map", "0:V:0"]  # capital V: never an attached picture / cover art
-    if info.has_audio:
+    if with_audio:
         args += ["-map", "0:a:0"]
     args += ["-map_metadata", "-1", "-map_chapters", "-1"]  # don't leak GPS tags etc.
-    args += ["-vf", video_scale_filter(options.width, options.height, settings.scale_flags)]
+    plan = plan_size(
+        (info.display_width, info.display_height),
+        options.width,
+        options.height,
+        options.fit,
+        even=True,
+    )
+    filters = size_filters(plan, settings.scale_flags)
+    if options.fps:
+        filters.insert(0, f"fps={options.fps}")  # fewer frames to scale
+    args += ["-vf", ",".join(filters)]
     args += [
         "-c:v",
         settings.video_codec,
         "-preset",
-        settings.preset,
+        X264_PRESET[options.compression],
         "-crf",
-        str(settings.crf),
+        str(VIDEO_CRF[options.quality]),
         "-pix_fmt",
         "yuv420p",  # 8-bit 4:2:0: the only H.264 flavour every browser decodes
         "-threads",
@@ -144,87 +290,116 @@ def _video_args(info: MediaInfo, options: TransformOptions, settings: EncoderSet
         "-force_key_frames",
         f"expr:gte(t,n_forced*{_number(settings.gop_seconds)})",
     ]
-    if info.fps:
-        args += ["-g", str(max(1, round(info.fps * settings.gop_seconds)))]
-    if info.has_audio:
-        args += [
-            "-c:a",
-            settings.audio_codec,
-            "-b:a",
-            settings.audio_bitrate,
-            "-ac",
-            str(settings.audio_channels),
-        ]
+    fps = options.fps or info.fps
+    if fps:
+        args += ["-g", str(max(1, round(fps * settings.gop_seconds)))]
+    if with_audio:
+        args += _aac_args(options, settings)
+    else:
+        args += ["-an"]
     # empty_moov: the header is written before any sample, so bytes flow at once;
     # frag_keyframe: one moof+mdat per GOP; default_base_moof: what MSE/browsers expect.
     return [*args, "-movflags", FRAGMENTED_MP4_FLAGS, "-f", "mp4", "pipe:1"]
 
 
-def video_scale_filter(width: int | None, height: int | None, flags: str) -> str:
-    """H.264 in 4:2:0 needs even dimensions, so every branch yields even ones.
-
-    A requested odd size is rounded down to even (161 -> 160); ``-2`` makes ffmpeg pick the
-    free side even.
-    """
-    width = None if width is None else width - width % 2
-    height = None if height is None else height - height % 2
-    if width is not None and height is not None:
-        size = f"{width}:{height}:force_original_aspect_ratio=decrease:force_divisible_by=2"
-    elif width is not None:
-        size = f"{width}:-2"
-    elif height is not None:
-        size = f"-2:{height}"
-    else:
-        size = "trunc(iw/2)*2:trunc(ih/2)*2"
-    return f"scale={size}:flags={flags}"
+def _aac_args(options: TransformOptions, settings: EncoderSettings) -> list[str]:
+    return [
+        "-c:a",
+        settings.audio_codec,
+        "-b:a",
+        AUDIO_BITRATE[options.quality],
+        "-ac",
+        str(settings.audio_channels),
+    ]
 
 
-def frame_scale_filter(width: int | None, height: int | None, flags: str) -> str | None:
-    """Images may have odd dimensions; ``None`` means keep the source size."""
-    if width is not None and height is not None:
-        size = f"{width}:{height}:force_original_aspect_ratio=decrease"
-    elif width is not None:
-        size = f"{width}:-1"
-    elif height is not None:
-        size = f"-1:{height}"
-    else:
-        return None
-    return f"scale={size}:flags={flags}"
+def _audio_args(info: MediaInfo, options: TransformOptions, settings: EncoderSettings) -> list[str]:
+    if not info.has_audio:
+        raise UnsupportedMedia("the source has no audio track to extract (mode=audio)")
+    args = ["-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1"]
+    args += _aac_args(options, settings)
+    # Audio frames are all keyframes: cut fragments by time (1 s) instead.
+    args += ["-movflags", FRAGMENTED_MP4_FLAGS, "-frag_duration", "1000000"]
+    return [*args, "-f", "mp4", "pipe:1"]
+
+
+def _sheet_args(
+    info: MediaInfo, options: TransformOptions, settings: EncoderSettings, span_ms: int
+) -> list[str]:
+    assert options.width is not None  # validated: spritesheets need a tile size
+    assert options.height is not None
+    count = options.image_count
+    columns, rows = sheet_layout(count)
+    plan = plan_size(
+        (info.display_width, info.display_height),
+        options.width,
+        options.height,
+        options.fit,
+        exact_box=True,
+    )
+    filters = [
+        # n frames per span: frame i is the one nearest start + i * span / n (sprite_times).
+        f"fps={count * 1000}/{span_ms}",
+        f"trim=end_frame={count}",
+        *size_filters(plan, settings.scale_flags),
+        f"tile={columns}x{rows}:nb_frames={count}",
+    ]
+    return [
+        *("-map", "0:V:0", "-an", "-sn", "-dn", "-map_metadata", "-1"),
+        *("-vf", ",".join(filters), "-frames:v", "1"),
+        *_image_codec(OutputFormat.JPG, options.quality),
+        "pipe:1",
+    ]
 
 
 def _frame_seek_and_filters(
     info: MediaInfo, options: TransformOptions, settings: EncoderSettings
 ) -> tuple[float, list[str]]:
-    scale = frame_scale_filter(options.width, options.height, settings.scale_flags)
+    plan = plan_size(
+        (info.display_width, info.display_height), options.width, options.height, options.fit
+    )
+    resize = (
+        size_filters(plan, settings.scale_flags)
+        if options.width is not None or options.height is not None
+        else []
+    )
     requested = options.time_ms / 1000
     tail = settings.tail_seconds
     if info.fps:
         tail = max(tail, 2 / info.fps)  # at least two frames even for slideshow-like sources
     if info.duration_ms is None or requested < info.duration_ms / 1000 - tail:
-        return requested, [scale] if scale else []
+        return requested, resize
     # Near or past the end: decode the tail window and return the last frame shown at or
     # before the requested instant (the very last frame when it is past the end). Seeking
     # straight to it could land after the last frame and produce nothing.
     seek = max(0.0, info.duration_ms / 1000 - tail)
     select = f"select=lte(t\\,{_number(requested - seek)})"  # \, : a comma inside the graph
     # Scale before reverse so the buffered frames (at most the tail window) are small.
-    return seek, [select, *([scale] if scale else []), "reverse"]
+    return seek, [select, *resize, "reverse"]
 
 
-def _frame_args(
-    filters: list[str], options: TransformOptions, settings: EncoderSettings
-) -> list[str]:
+def _frame_args(filters: list[str], options: TransformOptions) -> list[str]:
     args = ["-map", "0:V:0", "-frames:v", "1", "-an", "-sn", "-dn", "-map_metadata", "-1"]
     if filters:
         args += ["-vf", ",".join(filters)]
-    if options.format is OutputFormat.JPG:
-        # mjpeg writes baseline JPEG; yuvj420p makes it full range 4:2:0, what browsers expect
-        # (swscale converts the usual limited-range video to it).
-        args += ["-c:v", "mjpeg", "-q:v", str(settings.jpeg_quality), "-pix_fmt", "yuvj420p"]
-    else:
-        # rgb24 keeps 10-bit sources from producing 16-bit-per-channel PNGs.
-        args += ["-c:v", "png", "-pix_fmt", "rgb24"]
-    return [*args, "-f", "image2pipe", "pipe:1"]
+    return [*args, *_image_codec(options.format, options.quality), "pipe:1"]
+
+
+def _image_codec(fmt: OutputFormat, quality: Level) -> list[str]:
+    if fmt is OutputFormat.JPG:
+        # mjpeg writes baseline JPEG; yuvj420p makes it full range 4:2:0, what browsers
+        # expect (swscale converts the usual limited-range video to it).
+        return [
+            *("-c:v", "mjpeg", "-q:v", str(JPEG_QSCALE[quality])),
+            *("-pix_fmt", "yuvj420p", "-f", "image2pipe"),
+        ]
+    if fmt is OutputFormat.WEBP:
+        return [
+            *("-c:v", "libwebp", "-quality", str(WEBP_QUALITY[quality])),
+            *("-pix_fmt", "yuv420p", "-f", "webp"),
+        ]
+    # rgb24 keeps 10-bit sources from producing 16-bit-per-channel PNGs.
+    return ["-c:v", "png", "-pix_fmt", "rgb24", "-f", "image2pipe"]
 
 
 def _seconds(value: float) -> str:
