@@ -19,12 +19,19 @@ from .cache.disk import DiskCacheStore
 from .cache.memory import MemoryCacheStore
 from .concurrency.coalescing import Subscription, Work, WorkRegistry
 from .config import Config
-from .errors import TransformFailed
+from .errors import Forbidden, SourceTooLarge, TransformFailed
 from .metrics import Metrics
-from .options import Limits, TransformOptions
+from .options import OutputFormat, TransformOptions
+from .responsive import policy_from_config
+from .sources.http import HttpSource, make_http_client
 from .sources.origins import Origins, Resolved
+from .targets import Target, check_remote_allowed
+from .transform.argv import EncoderSettings
 from .transform.base import Transformer
+from .transform.checks import SourceLimits, check_options, check_source
 from .transform.runner import FfmpegTransformer, resolve_ffmpeg
+from .transform.vtt import build_thumbnail_vtt
+from .units import SECONDS
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +43,7 @@ class Job:
     key: str
     source: Resolved
     options: TransformOptions
+    sheet_url: str = ""  # for format=vtt: the spritesheet the cues point at
 
 
 class Service:
@@ -48,6 +56,7 @@ class Service:
         transformer: Transformer,
         registry: WorkRegistry,
         metrics: Metrics,
+        remote: HttpSource | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
@@ -55,7 +64,31 @@ class Service:
         self.transformer = transformer
         self.registry = registry
         self.metrics = metrics
-        self.limits = Limits(config.limits.max_width, config.limits.max_height)
+        self.remote = remote
+        self.policy = policy_from_config(config)
+        self.source_limits = SourceLimits(
+            max_size=config.limits.max_source_size,
+            max_duration_ms=round(config.limits.max_source_duration * 1000),
+            max_pixels=config.limits.max_source_pixels,
+        )
+
+    async def resolve(self, target: Target) -> Resolved:
+        """The source ``target`` names: through the origins, or an allowed remote URL."""
+        if target.remote:
+            check_remote_allowed(target, self.config.security.allowed_remote_hosts)
+            if self.remote is None:
+                raise Forbidden("remote sources are disabled")
+            stat = await self.remote.stat(target.source)
+            resolved = Resolved("remote", self.remote, target.source, stat)
+        else:
+            resolved = await self.origins.resolve(target.source)
+        # Fail fast when the size is known; sources also enforce it while reading.
+        if resolved.stat.size > self.source_limits.max_size:
+            raise SourceTooLarge(
+                f"the source has {resolved.stat.size} bytes; "
+                f"the limit is {self.source_limits.max_size}"
+            )
+        return resolved
 
     async def lookup(self, key: str) -> EntryMeta | None:
         entry = await self.cache.lookup(key)
@@ -86,6 +119,17 @@ class Service:
                 work.spool_into(writer)
                 self.metrics.origin_fetches.inc()
                 info = await self.transformer.probe(local.path)
+                check_source(info, local.size, self.source_limits)
+                check_options(job.options, info)
+                if job.options.format is OutputFormat.VTT:
+                    # A thumbnail track is text computed from the probe: no ffmpeg run.
+                    vtt = build_thumbnail_vtt(
+                        job.sheet_url, job.options, info, self.config.limits.max_duration
+                    )
+                    await writer.write(vtt.encode())
+                    work.advance(writer.bytes_written)
+                    work.finish(await writer.commit())
+                    return
                 self.metrics.transforms.inc()
                 self.metrics.transforms_running.inc()
                 try:
@@ -127,18 +171,26 @@ async def open_service(
     if transformer is None:
         transformer = FfmpegTransformer(
             resolve_ffmpeg(config.transform.ffmpeg or None),
+            settings=EncoderSettings(max_output_seconds=config.limits.max_duration),
             timeout=config.transform.timeout,
             probe_timeout=config.transform.probe_timeout,
             kill_grace=config.transform.kill_grace,
         )
-    async with trio.open_nursery() as nursery:
+    cache = cache if cache is not None else build_cache(config)
+    spill_dir = config.resolve_path(config.cache.path) / "sources"
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    async with (
+        make_http_client(connect_timeout=5 * SECONDS) as client,
+        trio.open_nursery() as nursery,
+    ):
         service = Service(
             config,
-            cache=cache if cache is not None else build_cache(config),
+            cache=cache,
             origins=origins if origins is not None else Origins.from_config(config),
             transformer=transformer,
             registry=WorkRegistry(nursery),
             metrics=Metrics(),
+            remote=HttpSource(client, spill_dir=spill_dir, max_size=config.limits.max_source_size),
         )
         yield service
         # Leaving the block ends every in-flight work (shutdown): their cleanup is shielded.

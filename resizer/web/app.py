@@ -17,8 +17,10 @@ from ..cache.base import EntryMeta
 from ..concurrency.coalescing import Subscription
 from ..errors import ResizerError
 from ..metrics import CONTENT_TYPE_LATEST
-from ..options import TransformOptions, cache_key, parse_options
+from ..options import OutputFormat, TransformOptions, cache_key
 from ..pipeline import Job, Service
+from ..responsive import ACCEPT_CH, resolve_options
+from ..targets import parse_target, sheet_url
 from .asgi import ExchangeGuard, release_on_exchange_end
 from .ranges import ByteRange, http_date, if_range_allows, not_modified, parse_range
 
@@ -98,10 +100,11 @@ def create_app(service: Service) -> ExchangeGuard:
 
 async def serve_media(service: Service) -> Response:
     started = trio.current_time()
-    query = {key: value for key, value in request.args.items()}
-    options = parse_options(query, service.limits)
-    path = request.path
-    key = cache_key(path, options)
+    target = parse_target(request.path, {k: v for k, v in request.args.items()})
+    headers = {name: value for name, value in request.headers.items()}
+    choice = resolve_options(target.params, headers, service.policy)
+    options = choice.options
+    key = cache_key(target.source, options)
     head = request.method == "HEAD"
 
     entry = await service.lookup(key)
@@ -109,7 +112,7 @@ async def serve_media(service: Service) -> Response:
         response = respond_from_cache(service, entry, head=head)
         status = "HIT"
     else:
-        resolved = await service.origins.resolve(path)
+        resolved = await service.resolve(target)
         if head:
             # Answering HEAD must not cost a transcode: say what a GET would send, which
             # has no Content-Length yet (an empty iterable keeps Quart from adding one).
@@ -117,7 +120,8 @@ async def serve_media(service: Service) -> Response:
             response.headers["X-Cache-Status"] = "MISS"
             status = "MISS"
         else:
-            subscription = service.subscribe(Job(key, resolved, options))
+            sheet = sheet_url(target, options) if options.format is OutputFormat.VTT else ""
+            subscription = service.subscribe(Job(key, resolved, options, sheet))
             release_on_exchange_end(subscription.detach)
             await subscription.wait_first_bytes()
             status = "COALESCED" if subscription.joined else "MISS"
@@ -126,8 +130,22 @@ async def serve_media(service: Service) -> Response:
         response.headers["X-Origin"] = resolved.origin
         response.headers["X-Source"] = resolved.source.kind
         apply_representation_headers(response, service, options)
+    apply_negotiation_headers(response, service, options, choice.vary)
     service.metrics.request_seconds.labels(status).observe(trio.current_time() - started)
     return response
+
+
+def apply_negotiation_headers(
+    response: Response, service: Service, options: TransformOptions, vary: tuple[str, ...]
+) -> None:
+    """Headers that depend on how the options were chosen, on hits and misses alike."""
+    if options.filename:
+        name = f"{options.filename}.{options.extension}"
+        response.headers["Content-Disposition"] = f'inline; filename="{name}"'
+    if vary:
+        response.headers["Vary"] = ", ".join(vary)
+    if service.policy.responsive:
+        response.headers["Accept-CH"] = ", ".join(ACCEPT_CH)
 
 
 def apply_representation_headers(
