@@ -34,7 +34,10 @@ class Origin:
 
 
 async def _app(origin: Origin, scope: dict[str, Any], receive: Any, send: Send) -> None:
-    if scope["type"] != "http":
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
         return
     origin.requests.append((scope["method"], scope["path"]))
     behaviour = origin.paths.get(scope["path"], Behaviour(status=404, body=b"missing"))

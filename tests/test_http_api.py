@@ -12,6 +12,7 @@ import trio
 
 from resizer.transform.probe import parse_probe_output
 from tests.media import ffmpeg_banner, make_test_video
+from tests.origin import Behaviour, start_origin
 from tests.server import RunningServer, server_config, start_server
 
 pytestmark = pytest.mark.integration
@@ -228,3 +229,25 @@ async def test_source_limits(media: Path, client: httpx.AsyncClient) -> None:
     too_long = await client.get("/videos/long.mp4", params={"width": "100"})
     assert too_long.status_code == 422
     assert "1m" in too_long.json()["message"] or "60s" in too_long.json()["message"]
+
+
+async def test_allowed_remote_source_is_fetched_and_transformed(
+    media: Path, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """/cdn-cgi/media/<opts>/http://127.0.0.1:<port>/clip.mp4 works once the host is allowed."""
+    origin = await start_origin(
+        nursery, {"/remote/clip.mp4": Behaviour(body=(media / "clip.mp4").read_bytes())}
+    )
+    extra = '[security]\nallowed_remote_hosts = ["127.0.0.1"]\n'
+    server = await start_server(nursery, server_config(media, tmp_path / "cache", extra))
+    url = f"{server.url}/cdn-cgi/media/mode=frame,width=100/{origin.url}/remote/clip.mp4"
+    async with httpx.AsyncClient(timeout=30) as client:
+        first = await client.get(url)
+        assert first.status_code == 200, first.text
+        assert first.headers["X-Source"] == "http"
+        assert first.content.startswith(b"\xff\xd8\xff")
+        second = await client.get(url)
+        assert second.headers["X-Cache-Status"] == "HIT"
+        missing = await client.get(url.replace("clip.mp4", "nope.mp4"))
+        assert missing.status_code == 404
+    assert not list((tmp_path / "cache" / "sources").iterdir())  # downloads are cleaned up

@@ -17,6 +17,7 @@ from resizer.options import (
     cache_key,
     format_ms,
     key_digest,
+    normalize_params,
     parse_options,
     parse_time_ms,
 )
@@ -277,3 +278,21 @@ def test_default_duration_comes_from_the_limits() -> None:
     limited = parse_options({}, Limits(default_duration_ms=30_000))
     assert limited.duration_ms == 30_000
     assert parse_options({"mode": "frame"}, Limits(default_duration_ms=30_000)).duration_ms is None
+
+
+ALIAS_OF = {"width": "w", "height": "h", "fit": "obj-fit", "quality": "q", "format": "f"}
+ALIAS_OF |= {"time": "start", "duration": "dur"}
+
+
+@given(queries, st.data())
+def test_canonical_key_is_alias_invariant(query: dict[str, str], data: st.DataObject) -> None:
+    """Renaming any parameter to its alias (or changing its case) never changes the key."""
+    try:
+        options = parse_options(query)
+    except InvalidOption:
+        return
+    renamed: dict[str, str] = {}
+    for name, value in normalize_params(query).items():
+        spelling = data.draw(st.sampled_from([name, name.upper(), ALIAS_OF.get(name, name)]))
+        renamed[spelling] = value
+    assert cache_key("/p", parse_options(renamed)) == cache_key("/p", options)
