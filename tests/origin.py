@@ -35,7 +35,7 @@ class Origin:
 
 async def _app(origin: Origin, scope: dict[str, Any], receive: Any, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
