@@ -212,6 +212,9 @@ class HttpSource:
                     async with await trio.open_file(spill, "xb") as file:
                         async for chunk in response.aiter_bytes(_CHUNK_SIZE):
                             # Counted as it arrives: Content-Length may be absent or a lie.
+                            # Leaving early leaves httpx's inner async generators to the GC,
+                            # which trio reports as a ResourceWarning (encode/httpx#3686);
+                            # harmless, the exchange's aclose() has dropped the connection.
                             size += len(chunk)
                             if size > self.max_size:
                                 raise SourceTooLarge(
