@@ -80,6 +80,11 @@ class LimitsConfig:
     max_source_duration: Duration = Duration(2 * HOURS)  # 422 beyond
     # Decompression-bomb guard: width x height of the source's video (422 beyond).
     max_source_pixels: int = 4096 * 4096
+    # Distinct in-flight works (origin fetch + transform); requests that join one in flight
+    # never count. A new key beyond it waits up to origin_queue_timeout, then gets a 503.
+    max_concurrent_origins: int = 100
+    origin_queue_timeout: Duration = Duration(10 * SECONDS)
+    max_concurrent_transforms: int = 0  # ffmpeg processes at once; 0: the CPU count
 
     def options_limits(self) -> Limits:
         return Limits(
@@ -88,6 +93,13 @@ class LimitsConfig:
             max_duration_ms=round(self.max_duration * 1000),
             default_duration_ms=round(self.default_duration * 1000) or None,
         )
+
+
+@dataclass(frozen=True)
+class CoalescingConfig:
+    # Let a transformation finish and fill the cache when its last client left (default:
+    # stop it at once, nobody needs it).
+    finish_without_clients: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     responsive: ResponsiveConfig = field(default_factory=ResponsiveConfig)
+    coalescing: CoalescingConfig = field(default_factory=CoalescingConfig)
     derivatives: dict[str, dict[str, str]] = field(
         default_factory=lambda: dict(DEFAULT_DERIVATIVES)
     )
@@ -183,6 +196,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": LimitsConfig,
     "security": SecurityConfig,
     "responsive": ResponsiveConfig,
+    "coalescing": CoalescingConfig,
 }
 
 # Shipped presets; [derivatives.<name>] tables add to or replace them.
@@ -437,6 +451,10 @@ def _check_derivatives(config: Config, problems: _Problems) -> None:
 def _check(config: Config, problems: _Problems) -> None:
     """Cross-field rules that a single key's type cannot express."""
     _check_derivatives(config, problems)
+    if config.limits.max_concurrent_origins < 1:
+        problems.add("limits.max_concurrent_origins", "must be at least 1")
+    if config.limits.max_concurrent_transforms < 0:
+        problems.add("limits.max_concurrent_transforms", "must be 0 (CPU count) or more")
     if config.limits.max_duration < 1:
         problems.add("limits.max_duration", "must be at least 1s")
     if config.limits.default_duration > config.limits.max_duration:

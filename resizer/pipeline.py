@@ -7,6 +7,7 @@ in-flight works, metrics) and the nursery that in-flight works run in. The web l
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .cache.disk import DiskCacheStore
 from .cache.memory import MemoryCacheStore
 from .concurrency.coalescing import Subscription, Work, WorkRegistry
 from .config import Config
-from .errors import Forbidden, SourceTooLarge, TransformFailed
+from .errors import Forbidden, ServiceUnavailable, SourceTooLarge, TransformFailed
 from .metrics import Metrics
 from .options import OutputFormat, TransformOptions
 from .responsive import policy_from_config
@@ -65,6 +66,12 @@ class Service:
         self.registry = registry
         self.metrics = metrics
         self.remote = remote
+        limits = config.limits
+        # Tokens are held by Work tasks; attaching to a Work never takes one.
+        self.origin_limiter = trio.CapacityLimiter(limits.max_concurrent_origins)
+        self.transform_limiter = trio.CapacityLimiter(
+            limits.max_concurrent_transforms or os.cpu_count() or 1
+        )
         self.policy = policy_from_config(config)
         self.source_limits = SourceLimits(
             max_size=config.limits.max_source_size,
@@ -104,32 +111,57 @@ class Service:
 
     async def _produce(self, work: Work, job: Job) -> None:
         """Fetch, transform and spool into the cache; runs in the service nursery."""
-        chunk = self.config.cache.read_chunk
         self.metrics.inflight_works.inc()
         try:
-            async with (
-                self.cache.open_writer(
-                    job.key,
-                    content_type=job.options.content_type,
-                    ttl=self.config.cache.ttl,
-                    options=job.options.canonical(),
-                ) as writer,
-                job.source.source.open(job.source.path) as local,
-            ):
-                work.spool_into(writer)
-                self.metrics.origin_fetches.inc()
-                info = await self.transformer.probe(local.path)
-                check_source(info, local.size, self.source_limits)
-                check_options(job.options, info)
-                if job.options.format is OutputFormat.VTT:
-                    # A thumbnail track is text computed from the probe: no ffmpeg run.
-                    vtt = build_thumbnail_vtt(
-                        job.sheet_url, job.options, info, self.config.limits.max_duration
-                    )
-                    await writer.write(vtt.encode())
-                    work.advance(writer.bytes_written)
-                    work.finish(await writer.commit())
-                    return
+            async with self._origin_slot():
+                await self._fetch_transform_spool(work, job)
+        finally:
+            self.metrics.inflight_works.dec()
+
+    @asynccontextmanager
+    async def _origin_slot(self) -> AsyncIterator[None]:
+        """One of max_concurrent_origins slots, waiting at most origin_queue_timeout."""
+        timeout = self.config.limits.origin_queue_timeout
+        acquired = False
+        with trio.move_on_after(timeout):
+            await self.origin_limiter.acquire()
+            acquired = True
+        if not acquired:
+            raise ServiceUnavailable(
+                f"{self.origin_limiter.total_tokens:g} transformations are in flight; retry later",
+                retry_after=max(1.0, timeout),
+            )
+        try:
+            yield
+        finally:
+            self.origin_limiter.release()
+
+    async def _fetch_transform_spool(self, work: Work, job: Job) -> None:
+        chunk = self.config.cache.read_chunk
+        async with (
+            self.cache.open_writer(
+                job.key,
+                content_type=job.options.content_type,
+                ttl=self.config.cache.ttl,
+                options=job.options.canonical(),
+            ) as writer,
+            job.source.source.open(job.source.path) as local,
+        ):
+            work.spool_into(writer)
+            self.metrics.origin_fetches.inc()
+            info = await self.transformer.probe(local.path)
+            check_source(info, local.size, self.source_limits)
+            check_options(job.options, info)
+            if job.options.format is OutputFormat.VTT:
+                # A thumbnail track is text computed from the probe: no ffmpeg run.
+                vtt = build_thumbnail_vtt(
+                    job.sheet_url, job.options, info, self.config.limits.max_duration
+                )
+                await writer.write(vtt.encode())
+                work.advance(writer.bytes_written)
+                work.finish(await writer.commit())
+                return
+            async with self.transform_limiter:
                 self.metrics.transforms.inc()
                 self.metrics.transforms_running.inc()
                 try:
@@ -139,13 +171,11 @@ class Service:
                             work.advance(writer.bytes_written)
                 finally:
                     self.metrics.transforms_running.dec()
-                if writer.bytes_written == 0:
-                    raise TransformFailed("ffmpeg succeeded but produced no output")
-                entry = await writer.commit()
-            work.finish(entry)
-            log.info("work done", key=job.key, size=entry.size)
-        finally:
-            self.metrics.inflight_works.dec()
+            if writer.bytes_written == 0:
+                raise TransformFailed("ffmpeg succeeded but produced no output")
+            entry = await writer.commit()
+        work.finish(entry)
+        log.info("work done", key=job.key, size=entry.size)
 
 
 def build_cache(config: Config) -> CacheStore:
@@ -188,7 +218,9 @@ async def open_service(
             cache=cache,
             origins=origins if origins is not None else Origins.from_config(config),
             transformer=transformer,
-            registry=WorkRegistry(nursery),
+            registry=WorkRegistry(
+                nursery, finish_without_clients=config.coalescing.finish_without_clients
+            ),
             metrics=Metrics(),
             remote=HttpSource(client, spill_dir=spill_dir, max_size=config.limits.max_source_size),
         )

@@ -122,12 +122,22 @@ class Subscription:
         self._raise_if_failed(progress)
         return progress
 
+    async def wait_for(self, predicate: Callable[[Progress], bool]) -> Progress:
+        """Wait until ``predicate`` holds or the Work ended; raise its error if it failed."""
+        progress = await self.work.wait_progress(
+            lambda p: predicate(p) or p.state is not WorkState.RUNNING
+        )
+        self._raise_if_failed(progress)
+        return progress
+
     def _raise_if_failed(self, progress: Progress) -> None:
         if progress.state is WorkState.FAILED:
             raise self.work.error or WorkAborted("the transformation was aborted")
 
-    async def iter_bytes(self, start: int = 0, chunk_size: int = 64 * 1024) -> AsyncIterator[bytes]:
-        """The Work's output from ``start``, following it live until it is complete.
+    async def iter_bytes(
+        self, start: int = 0, chunk_size: int = 64 * 1024, stop: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The Work's output from ``start`` (to ``stop``), following it live until complete.
 
         Raises the Work's error if it fails: a consumer that already sent headers must then
         abort the connection so the truncation is visible.
@@ -138,12 +148,13 @@ class Subscription:
             while True:
                 progress = await self.work.wait_progress(_readable_beyond(offset))
                 self._raise_if_failed(progress)
-                if offset >= progress.produced:
-                    return  # DONE and everything read
+                if offset >= progress.produced or (stop is not None and offset >= stop):
+                    return  # DONE and everything read, or the requested range is complete
                 if reader is None:
                     assert self.work.spool is not None  # set before anything is produced
                     reader = self.work.spool.clone()
-                want = min(chunk_size, progress.produced - offset)
+                end = progress.produced if stop is None else min(stop, progress.produced)
+                want = min(chunk_size, end - offset)
                 data = await reader.read_at(offset, want)
                 if not data:
                     raise TransformFailed("spooled output ended early")

@@ -14,7 +14,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..cache.base import EntryMeta
-from ..concurrency.coalescing import Subscription
+from ..concurrency.coalescing import Subscription, WorkState
 from ..errors import ResizerError
 from ..metrics import CONTENT_TYPE_LATEST
 from ..options import OutputFormat, TransformOptions, cache_key
@@ -22,7 +22,14 @@ from ..pipeline import Job, Service
 from ..responsive import ACCEPT_CH, resolve_options
 from ..targets import parse_target, sheet_url
 from .asgi import ExchangeGuard, release_on_exchange_end
-from .ranges import ByteRange, http_date, if_range_allows, not_modified, parse_range
+from .ranges import (
+    ByteRange,
+    http_date,
+    if_range_allows,
+    not_modified,
+    parse_range,
+    parse_range_spec,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -125,7 +132,11 @@ async def serve_media(service: Service) -> Response:
             release_on_exchange_end(subscription.detach)
             await subscription.wait_first_bytes()
             status = "COALESCED" if subscription.joined else "MISS"
-            response = Response(stream_subscription(service, subscription), status=200)
+            spec = parse_range_spec(request.headers.get("Range"))
+            if spec is not None:
+                response = await respond_range_in_flight(service, subscription, spec)
+            else:
+                response = Response(stream_subscription(service, subscription), status=200)
             response.headers["X-Cache-Status"] = status
         response.headers["X-Origin"] = resolved.origin
         response.headers["X-Source"] = resolved.source.kind
@@ -201,11 +212,44 @@ async def stream_entry(
             yield data
 
 
-async def stream_subscription(service: Service, subscription: Subscription) -> AsyncIterator[bytes]:
+async def respond_range_in_flight(
+    service: Service, subscription: Subscription, spec: tuple[int | None, int | None]
+) -> Response:
+    """A byte range of output still being produced, served from the spool (no new work).
+
+    ``a-b`` waits until byte b exists; ``a-`` sends what exists now (``bytes a-c/*``, the
+    client asks again for more); a suffix range needs the total size, so it waits for the end.
+    """
+    first, last = spec
+    if first is None:
+        progress = await subscription.wait_for(lambda p: False)  # the end
+    else:
+        needed = first if last is None else last
+        progress = await subscription.wait_for(lambda p: p.produced > needed)
+    done = progress.state is WorkState.DONE
+    if done:
+        selected = parse_range(request.headers.get("Range"), progress.produced)  # may be 416
+        assert selected is not None
+    else:
+        assert first is not None
+        stop = progress.produced if last is None else min(last + 1, progress.produced)
+        selected = ByteRange(first, stop)
+    response = Response(
+        stream_subscription(service, subscription, selected.start, selected.stop), status=206
+    )
+    response.headers["Content-Range"] = selected.content_range(progress.produced if done else None)
+    response.headers["Content-Length"] = str(selected.length)
+    return response
+
+
+async def stream_subscription(
+    service: Service, subscription: Subscription, start: int = 0, stop: int | None = None
+) -> AsyncIterator[bytes]:
     """The Work's output, live; detaching when the client goes lets the Work stop."""
     complete = False
+    chunk = service.config.cache.read_chunk
     try:
-        async for data in subscription.iter_bytes(0, service.config.cache.read_chunk):
+        async for data in subscription.iter_bytes(start, chunk, stop):
             yield data
         complete = True
     finally:

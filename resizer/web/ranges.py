@@ -30,6 +30,24 @@ class ByteRange:
 _RANGE_SPEC_RE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
 
 
+def parse_range_spec(header: str | None) -> tuple[int | None, int | None] | None:
+    """(first, last) of a single well-formed byte range, either may be None (``a-``,
+    ``-n`` gives (None, n)); None when the header is absent, malformed or multiple."""
+    if header is None:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    match = _RANGE_SPEC_RE.match(spec)
+    if match is None or not (match[1] or match[2]):
+        return None
+    first = int(match[1]) if match[1] else None
+    last = int(match[2]) if match[2] else None
+    if first is not None and last is not None and last < first:
+        return None  # invalid syntax per RFC 9110 14.1.1: ignore the header
+    return first, last
+
+
 def parse_range(header: str | None, size: int) -> ByteRange | None:
     """The single byte range ``header`` selects from a representation of ``size`` bytes.
 
@@ -37,29 +55,19 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     header, another unit, or several ranges, which a server may ignore); raises
     ``RangeNotSatisfiable`` when the range is well-formed but selects no byte.
     """
-    if header is None:
+    spec = parse_range_spec(header)
+    if spec is None:
         return None
-    unit, sep, spec = header.partition("=")
-    if not sep or unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    match = _RANGE_SPEC_RE.match(spec)
-    if match is None:
-        return None
-    first, last = match[1], match[2]
-    if not first and not last:
-        return None
-    if not first:  # suffix range: the last N bytes
-        suffix = int(last)
-        if suffix == 0 or size == 0:
+    first, last = spec
+    if first is None:  # suffix range: the last N bytes
+        assert last is not None
+        if last == 0 or size == 0:
             raise RangeNotSatisfiable(size)
-        return ByteRange(max(0, size - suffix), size)
-    start = int(first)
-    if last and int(last) < start:
-        return None  # invalid syntax per RFC 9110 14.1.1: ignore the header
-    if start >= size:
+        return ByteRange(max(0, size - last), size)
+    if first >= size:
         raise RangeNotSatisfiable(size)
-    stop = size if not last else min(int(last) + 1, size)
-    return ByteRange(start, stop)
+    stop = size if last is None else min(last + 1, size)
+    return ByteRange(first, stop)
 
 
 def etag_matches(header: str, etag: str) -> bool:
