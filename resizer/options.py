@@ -370,11 +370,13 @@ def build_options(params: Mapping[str, str], limits: Limits = Limits()) -> Trans
                 f"{format_ms(MIN_DURATION_MS)}-{format_ms(limits.max_duration_ms)}",
             )
 
+    fit = _choice("fit", params["fit"], Fit, _FIT_ALIASES) if "fit" in params else Fit.CONTAIN
     return TransformOptions(
         mode=mode,
         width=width,
         height=height,
-        fit=_choice("fit", params["fit"], Fit, _FIT_ALIASES) if "fit" in params else Fit.CONTAIN,
+        # Without a size, fit changes nothing: normalise it so equal outputs compare equal.
+        fit=fit if width is not None or height is not None else Fit.CONTAIN,
         time_ms=parse_time_ms("time", params["time"]) if "time" in params else 0,
         duration_ms=duration_ms,
         audio=parse_bool("audio", params["audio"]) if "audio" in params else True,

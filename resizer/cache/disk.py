@@ -34,7 +34,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -186,7 +185,11 @@ class DiskCacheStore:
         # The random token keeps concurrent writers of one key apart.
         tmp_path = self._tmp_dir / f"{digest}.{secrets.token_hex(8)}{_DATA_SUFFIX}"
         # Unbuffered: a write is in the kernel when it returns, so spool readers see it.
-        file = await trio.open_file(tmp_path, "xb", buffering=0)
+        # Opened synchronously (creating a file in our tmp folder takes microseconds): with
+        # a thread, a cancellation arriving as the thread returns would orphan the new file
+        # before the cleanup below is in place (the cancellation harness found this).
+        await trio.lowlevel.checkpoint()
+        file = trio.wrap_file(open(tmp_path, "xb", buffering=0))  # noqa: ASYNC230, SIM115
         writer = _DiskWriter(
             self,
             key=key,
@@ -446,12 +449,12 @@ class _DiskWriter:
         """Close the file and, unless committed, remove it. Idempotent."""
         if self._finished is None:
             self._finished = "discarded"
-        await self._file.aclose()
         if self._finished != "committed":
-            # abandon_on_cancel lets the cleanup deadline actually bound a stalled unlink.
-            await trio.to_thread.run_sync(
-                partial(self._tmp_path.unlink, missing_ok=True), abandon_on_cancel=True
-            )
+            # First, and synchronously: unlinking a file in our own tmp folder takes
+            # microseconds, and doing it before the (threaded) close means no cleanup deadline
+            # can leave a partial file behind. POSIX lets us unlink an open file.
+            self._tmp_path.unlink(missing_ok=True)
+        await self._file.aclose()
 
     def _ensure_open(self) -> None:
         if self._finished is not None:
