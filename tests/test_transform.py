@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from resizer.transform.argv import (
     output_span_ms,
     plan_size,
     sheet_layout,
+    sprite_times,
     video_scale_filter,
 )
 from resizer.transform.base import MediaInfo
@@ -477,23 +479,355 @@ def test_sheet_layout(count: int, layout: tuple[int, int]) -> None:
     assert sheet_layout(count) == layout
 
 
-@given(st.integers(1, 100), st.integers(0, 600_000), st.integers(1, 300_000))
-def test_vtt_cues_tile_the_span_and_the_sheet(count: int, start: int, span: int) -> None:
-    """Cues are contiguous over [start, start+span) and their rectangles tile the grid."""
+def vtt_ms(stamp: str) -> int:
+    hours, minutes, rest = stamp.split(":")
+    seconds, millis = rest.split(".")
+    return ((int(hours) * 60 + int(minutes)) * 60 + int(seconds)) * 1000 + int(millis)
+
+
+@given(
+    st.integers(1, 100),
+    st.integers(0, 600_000),
+    st.integers(1, 400_000),
+    st.integers(10, 2000),
+    st.integers(10, 2000),
+)
+def test_vtt_cues_tile_the_span_and_the_sheet(
+    count: int, start: int, span: int, width: int, height: int
+) -> None:
+    """Cues are contiguous over [start, start+span] (span capped at the maximum) and their
+    rectangles tile the cols x rows grid without overlap, inside the sheet."""
     info = MediaInfo(start + span, 1280, 720, True, "h264", 25.0)
     options = TransformOptions(
-        mode=Mode.SPRITESHEET, width=160, height=90, time_ms=start, image_count=count,
+        mode=Mode.SPRITESHEET, width=width, height=height, time_ms=start, image_count=count,
         format=OutputFormat.VTT,
     )  # fmt: skip
-    text = build_thumbnail_vtt("/s.jpg", options, info, 300)
+    text = build_thumbnail_vtt("/s.jpg?a=1&b=2", options, info, 300)
     assert text.startswith("WEBVTT\n\n")
-    cues = re.findall(r"(\S+) --> (\S+)\n/s\.jpg#xywh=(\d+),(\d+),160,90", text)
+    pattern = r"(\S+) --> (\S+)\n/s\.jpg\?a=1&b=2#xywh=(\d+),(\d+),(\d+),(\d+)\n"
+    cues = re.findall(pattern, text)
     assert len(cues) == count
+    assert text.count(" --> ") == count
     columns, rows = sheet_layout(count)
-    spots = {(int(x), int(y)) for _, _, x, y in cues}
-    assert len(spots) == count
-    assert all(x < columns * 160 and y < rows * 90 for x, y in spots)
-    for previous, current in itertools.pairwise(cues):
+    spots = set()
+    for _, _, x, y, w, h in cues:
+        assert (int(w), int(h)) == (width, height)
+        assert int(x) % width == 0
+        assert int(y) % height == 0
+        assert int(x) + width <= columns * width
+        assert int(y) + height <= rows * height
+        spots.add((int(x), int(y)))
+    assert len(spots) == count  # same-size grid-aligned cells: distinct means no overlap
+    times = [(vtt_ms(a), vtt_ms(b)) for a, b, *_ in cues]
+    assert all(begin <= end for begin, end in times)
+    for previous, current in itertools.pairwise(times):
         assert previous[1] == current[0]  # contiguous, no overlap
-    assert cues[0][0] == vtt_timestamp(start)
-    assert cues[-1][1] == vtt_timestamp(start + min(span, 300_000))
+    assert times[0][0] == start
+    assert times[-1][1] == start + min(span, 300_000)
+    assert [begin for begin, _ in times] == sprite_times(start, min(span, 300_000), count)
+
+
+def test_vtt_timestamps() -> None:
+    """Cue times are HH:MM:SS.mmm, hours included (WebVTT allows omitting them, players vary)."""
+    assert vtt_timestamp(0) == "00:00:00.000"
+    assert vtt_timestamp(3_723_004) == "01:02:03.004"
+
+
+# --- every mode, pure: exact filters and the documented tables ------------------------------
+
+SMALL = MediaInfo(2000, 320, 240, has_audio=True, video_codec="h264", fps=25.0)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "fit", "graph"),
+    [
+        (640, 480, Fit.CONTAIN, "scale=640:480:flags=lanczos,setsar=1"),
+        (640, 480, Fit.SCALE_DOWN, "scale=320:240:flags=lanczos,setsar=1"),
+        (640, None, Fit.SCALE_DOWN, "scale=320:240:flags=lanczos,setsar=1"),
+        (160, 160, Fit.SCALE_DOWN, "scale=160:120:flags=lanczos,setsar=1"),
+        (640, 360, Fit.COVER, "scale=640:480:flags=lanczos,crop=640:360,setsar=1"),
+        (101, 101, Fit.COVER, "scale=134:100:flags=lanczos,crop=100:100,setsar=1"),
+        (None, 100, Fit.COVER, "scale=132:100:flags=lanczos,setsar=1"),
+    ],
+)
+def test_video_fit_filters(width: int | None, height: int | None, fit: Fit, graph: str) -> None:
+    """Video fits from a 320x240 source: scale-down never upscales, cover scales up then
+    crops to the (even) box, one side keeps the aspect."""
+    assert value_after(argv_for(SMALL, width=width, height=height, fit=fit), "-vf") == graph
+
+
+@pytest.mark.parametrize(
+    ("level", "crf", "bitrate", "qscale", "webp"),
+    [
+        (Level.LOW, "28", "96k", "8", "50"),
+        (Level.MEDIUM, "23", "128k", "4", "75"),
+        (Level.HIGH, "19", "160k", "2", "90"),
+        (Level.AUTO, "23", "128k", "3", "80"),
+    ],
+)
+def test_quality_table(level: Level, crf: str, bitrate: str, qscale: str, webp: str) -> None:
+    """quality picks the documented CRF, AAC bitrate, JPEG -q:v and WebP quality."""
+    mp4 = argv_for(HD, quality=level)
+    assert (value_after(mp4, "-crf"), value_after(mp4, "-b:a")) == (crf, bitrate)
+    m4a = argv_for(HD, mode=Mode.AUDIO, format=OutputFormat.M4A, quality=level)
+    assert value_after(m4a, "-b:a") == bitrate
+    jpg = argv_for(HD, mode=Mode.FRAME, format=OutputFormat.JPG, quality=level)
+    assert value_after(jpg, "-q:v") == qscale
+    sheet = argv_for(
+        HD, mode=Mode.SPRITESHEET, format=OutputFormat.JPG, width=80, height=60, quality=level
+    )
+    assert value_after(sheet, "-q:v") == qscale
+    still = argv_for(HD, mode=Mode.FRAME, format=OutputFormat.WEBP, quality=level)
+    assert value_after(still, "-quality") == webp
+
+
+@pytest.mark.parametrize(
+    ("level", "preset"),
+    [
+        (Level.LOW, "ultrafast"),
+        (Level.MEDIUM, "veryfast"),
+        (Level.HIGH, "medium"),
+        (Level.AUTO, "veryfast"),
+    ],
+)
+def test_compression_table(level: Level, preset: str) -> None:
+    """compression picks the documented x264 preset (auto favours latency)."""
+    assert value_after(argv_for(HD, compression=level), "-preset") == preset
+
+
+def test_clip_is_capped_by_the_configured_maximum() -> None:
+    """-t is min(duration or rest of the source, max_output_seconds), for video and audio."""
+    long = MediaInfo(3_600_000, 1280, 720, True, "h264", 25.0)
+    short = EncoderSettings(max_output_seconds=60)
+    source = Path("/media/in.mp4")
+    for mode, fmt in [(Mode.VIDEO, OutputFormat.MP4), (Mode.AUDIO, OutputFormat.M4A)]:
+        rest = build_argv("ffmpeg", source, long, TransformOptions(mode=mode, format=fmt), short)
+        assert value_after(rest, "-t") == "60.000"
+        asked = TransformOptions(mode=mode, format=fmt, time_ms=10_000, duration_ms=5000)
+        assert value_after(build_argv("ffmpeg", source, long, asked, short), "-t") == "5.000"
+        assert "-ss" not in rest  # no seek at all from the start
+
+
+def test_audio_mode_is_fragmented_aac_without_video() -> None:
+    """m4a: only the first audio stream, stereo AAC, time-cut fragments, MP4 to the pipe."""
+    argv = argv_for(HD, mode=Mode.AUDIO, format=OutputFormat.M4A, time_ms=1000, duration_ms=2000)
+    assert argv.index("-ss") < argv.index("-i")
+    assert (value_after(argv, "-ss"), value_after(argv, "-t")) == ("1.000", "2.000")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-map"] == ["0:a:0"]
+    assert {"-vn", "-sn", "-dn"} <= set(argv)
+    assert (value_after(argv, "-c:a"), value_after(argv, "-ac")) == ("aac", "2")
+    assert value_after(argv, "-movflags") == "frag_keyframe+empty_moov+default_base_moof"
+    assert argv[-3:] == ["-f", "mp4", "pipe:1"]
+    with pytest.raises(UnsupportedMedia, match="no audio"):
+        argv_for(SILENT, mode=Mode.AUDIO, format=OutputFormat.M4A)
+
+
+@pytest.mark.parametrize("fmt", [OutputFormat.JPG, OutputFormat.WEBP])
+def test_odd_cover_images_crop_in_full_chroma(fmt: OutputFormat) -> None:
+    """4:2:0 crop would round 101x77 down to 100x76, so jpg/webp crop in yuv444p."""
+    argv = argv_for(SMALL, mode=Mode.FRAME, format=fmt, width=101, height=77, fit=Fit.COVER)
+    graph = "scale=103:77:flags=lanczos,format=yuv444p,crop=101:77,setsar=1"
+    assert value_after(argv, "-vf") == graph
+
+
+LETTERBOX = "scale=90:51:flags=lanczos,format=yuv444p,pad=90:90:(ow-iw)/2:(oh-ih)/2:black"
+
+
+@pytest.mark.parametrize(
+    ("fit", "tile"),
+    [
+        (Fit.CONTAIN, LETTERBOX),
+        (Fit.SCALE_DOWN, LETTERBOX),
+        (Fit.COVER, "scale=160:90:flags=lanczos,format=yuv444p,crop=90:90"),
+    ],
+)
+def test_spritesheet_tiles_are_padded_or_cropped_to_the_box(fit: Fit, tile: str) -> None:
+    """Square tiles from 16:9: contain/scale-down letterbox in black, cover centre-crops."""
+    argv = argv_for(
+        HD, mode=Mode.SPRITESHEET, format=OutputFormat.JPG, width=90, height=90, fit=fit,
+        image_count=5,
+    )  # fmt: skip
+    assert (
+        value_after(argv, "-vf")
+        == f"fps=5000/5310,trim=end_frame=5,{tile},setsar=1,tile=3x2:nb_frames=5"
+    )
+    assert value_after(argv, "-t") == "5.310"
+    assert "-ss" not in argv
+
+
+@given(st.integers(1, 100), st.integers(0, 600_000), st.integers(1, 300_000))
+def test_sprite_times_are_evenly_spread(count: int, start: int, span: int) -> None:
+    """n ascending instants from start, gaps of floor/ceil(span/n), all before start+span."""
+    times = sprite_times(start, span, count)
+    assert len(times) == count
+    assert times[0] == start
+    gaps = [b - a for a, b in itertools.pairwise([*times, start + span])]
+    assert all(span // count <= gap <= -(-span // count) for gap in gaps)
+
+
+# --- every mode, real ffmpeg: what comes out decodes as asked ------------------------------
+
+_SIZE_RE = re.compile(r"Video: .*?, (\d+)x(\d+)")
+_DURATION_RE = re.compile(r"Duration: (\d+):(\d+):(\d+\.\d+)")
+
+
+async def render(
+    transformer: FfmpegTransformer, source: Path, tmp_path: Path, **options: Any
+) -> Path:
+    """Run one transformation to completion and write its bytes to a file."""
+    info = await transformer.probe(source)
+    wanted = TransformOptions(**options)
+    received = bytearray()
+    async with transformer.open_output(source, info, wanted) as output:
+        while chunk := await output.receive_some(65536):
+            received += chunk
+    path = tmp_path / f"out.{wanted.extension}"
+    path.write_bytes(received)
+    return path
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    match = _SIZE_RE.search(ffmpeg_banner(path))
+    assert match is not None
+    return int(match[1]), int(match[2])
+
+
+def banner_seconds(path: Path) -> float:
+    match = _DURATION_RE.search(ffmpeg_banner(path))
+    assert match is not None
+    return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
+
+
+def video_frame_count(path: Path) -> int:
+    """Frames actually decoded (the container duration includes the B-frame start delay)."""
+    argv = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path)]
+    result = subprocess.run(
+        [*argv, "-map", "0:v:0", "-f", "framecrc", "-"], capture_output=True, check=True
+    )
+    return sum(1 for line in result.stdout.splitlines() if line and not line.startswith(b"#"))
+
+
+def gray_pixels(path: Path) -> bytes:
+    argv = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path)]
+    argv += ["-f", "rawvideo", "-pix_fmt", "gray", "-"]
+    return subprocess.run(argv, capture_output=True, check=True).stdout
+
+
+async def test_video_clip_has_the_asked_length_and_rate(
+    transformer: FfmpegTransformer, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """time=0.5s&duration=1s&fps=10 gives 1 s (10 frames at 10 fps) with audio."""
+    out = await render(transformer, clips["short"], tmp_path, time_ms=500, duration_ms=1000, fps=10)
+    info = parse_probe_output(ffmpeg_banner(out))
+    assert (info.fps, info.has_audio) == (10.0, True)
+    assert abs(video_frame_count(out) / 10 - 1.0) <= 0.2
+
+
+async def test_video_without_audio_when_asked(
+    transformer: FfmpegTransformer, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """audio=false drops the source's audio stream."""
+    out = await render(transformer, clips["short"], tmp_path, audio=False, width=160)
+    info = parse_probe_output(ffmpeg_banner(out))
+    assert (info.width, info.height, info.has_audio) == (160, 120, False)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "fit", "size"),
+    [
+        (100, 100, Fit.COVER, (100, 100)),
+        (640, 480, Fit.SCALE_DOWN, (320, 240)),
+    ],
+)
+async def test_video_fit_sizes(
+    transformer: FfmpegTransformer,
+    clips: dict[str, Path],
+    tmp_path: Path,
+    width: int,
+    height: int,
+    fit: Fit,
+    size: tuple[int, int],
+) -> None:
+    """cover fills the box exactly; scale-down leaves a 320x240 source at 320x240."""
+    out = await render(transformer, clips["short"], tmp_path, width=width, height=height, fit=fit)
+    info = parse_probe_output(ffmpeg_banner(out))
+    assert (info.width, info.height, info.video_codec) == (*size, "h264")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "magic"),
+    [(OutputFormat.WEBP, b"WEBP"), (OutputFormat.JPG, b"\xff\xd8\xff"), (OutputFormat.PNG, b"PNG")],
+)
+async def test_frame_formats_keep_odd_cover_sizes(
+    transformer: FfmpegTransformer,
+    clips: dict[str, Path],
+    tmp_path: Path,
+    fmt: OutputFormat,
+    magic: bytes,
+) -> None:
+    """A 101x77 cover frame is exactly 101x77 in every image format (webp is RIFF/WEBP)."""
+    out = await render(
+        transformer, clips["short"], tmp_path, mode=Mode.FRAME, format=fmt, time_ms=1000,
+        width=101, height=77, fit=Fit.COVER,
+    )  # fmt: skip
+    data = out.read_bytes()
+    if fmt is OutputFormat.WEBP:
+        assert data[:4] == b"RIFF"
+        assert data[8:12] == magic
+    else:
+        assert magic in data[:8]
+    assert image_size(out) == (101, 77)
+
+
+@pytest.mark.parametrize(
+    ("count", "width", "height", "fit"),
+    [
+        (1, 80, 60, Fit.COVER),
+        (10, 41, 41, Fit.CONTAIN),  # padded tiles; cells 10 and 11 of the 4x3 grid stay empty
+        (16, 81, 61, Fit.SCALE_DOWN),
+        (100, 32, 18, Fit.COVER),  # more tiles than the 50 frames of the clip
+    ],
+)
+async def test_spritesheet_has_exactly_n_tiles(
+    transformer: FfmpegTransformer,
+    clips: dict[str, Path],
+    tmp_path: Path,
+    count: int,
+    width: int,
+    height: int,
+    fit: Fit,
+) -> None:
+    """The sheet is (cols*W)x(rows*H) and exactly the first n grid cells hold a picture."""
+    out = await render(
+        transformer, clips["short"], tmp_path, mode=Mode.SPRITESHEET, format=OutputFormat.JPG,
+        width=width, height=height, fit=fit, image_count=count,
+    )  # fmt: skip
+    columns, rows = sheet_layout(count)
+    assert image_size(out) == (columns * width, rows * height)
+    pixels = gray_pixels(out)
+    stride = columns * width
+    for cell in range(columns * rows):
+        x0, y0 = (cell % columns) * width, (cell // columns) * height
+        # The centre half of the cell: clear of letterboxing and JPEG ringing at the edges.
+        values = [
+            pixels[y * stride + x]
+            for y in range(y0 + height // 4, y0 + 3 * height // 4)
+            for x in range(x0 + width // 4, x0 + 3 * width // 4)
+        ]
+        mean = sum(values) / len(values)
+        assert (mean > 30) == (cell < count), f"cell {cell}: mean luma {mean:.0f}"
+
+
+async def test_audio_mode_decodes_as_aac_only(
+    transformer: FfmpegTransformer, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """mode=audio with time/duration: an AAC-only MP4 of about the asked length."""
+    out = await render(
+        transformer, clips["short"], tmp_path, mode=Mode.AUDIO, format=OutputFormat.M4A,
+        time_ms=500, duration_ms=1000,
+    )  # fmt: skip
+    assert out.read_bytes()[4:8] == b"ftyp"
+    text = ffmpeg_banner(out)
+    assert re.search(r"Audio: aac .*stereo", text)
+    assert "Video:" not in text
+    assert abs(banner_seconds(out) - 1.0) <= 0.2

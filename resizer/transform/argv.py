@@ -164,8 +164,13 @@ def plan_size(
     return SizePlan(scaled)
 
 
-def size_filters(plan: SizePlan, flags: str) -> list[str]:
+def size_filters(plan: SizePlan, flags: str, *, full_chroma: bool = False) -> list[str]:
+    """``full_chroma``: scale into 4:4:4 first. On 4:2:0 frames crop, pad and tile round odd
+    sizes and offsets down to the chroma grid, so an odd image size would come out one pixel
+    short (images, unlike H.264 video, may be odd)."""
     filters = [f"scale={plan.scale[0]}:{plan.scale[1]}:flags={flags}"]
+    if full_chroma:
+        filters.append("format=yuv444p")
     if plan.crop:
         filters.append(f"crop={plan.crop[0]}:{plan.crop[1]}")
     if plan.pad:
@@ -341,7 +346,7 @@ def _sheet_args(
         # n frames per span: frame i is the one nearest start + i * span / n (sprite_times).
         f"fps={count * 1000}/{span_ms}",
         f"trim=end_frame={count}",
-        *size_filters(plan, settings.scale_flags),
+        *size_filters(plan, settings.scale_flags, full_chroma=True),
         f"tile={columns}x{rows}:nb_frames={count}",
     ]
     return [
@@ -358,8 +363,10 @@ def _frame_seek_and_filters(
     plan = plan_size(
         (info.display_width, info.display_height), options.width, options.height, options.fit
     )
+    # PNG is encoded from rgb24, which the crop already negotiates; jpg and webp are 4:2:0.
+    full_chroma = plan.crop is not None and options.format is not OutputFormat.PNG
     resize = (
-        size_filters(plan, settings.scale_flags)
+        size_filters(plan, settings.scale_flags, full_chroma=full_chroma)
         if options.width is not None or options.height is not None
         else []
     )

@@ -285,4 +285,7 @@ async def _drain(
         pass
     finally:
         done.set()
-        await trio.aclose_forcefully(stderr)
+        # Shielded: unshielded, an outer cancellation would raise a second Cancelled here,
+        # next to the caller's, and the nursery would hand back a group of two.
+        with trio.CancelScope(shield=True):
+            await stderr.aclose()
