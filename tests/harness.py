@@ -1,0 +1,174 @@
+"""Cancellation-correctness harness: run a scenario, cancel clients at every checkpoint,
+then check that nothing is left behind.
+
+``CancelAtStep`` is a trio Instrument that counts the scheduling steps of watched client
+tasks and cancels a client's scope at its k-th step, so a scenario can be replayed with the
+cancellation landing at every checkpoint in turn. ``assert_clean`` states the invariants.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from resizer.cache.disk import DiskCacheStore
+from resizer.concurrency.coalescing import Work, WorkState
+from resizer.config import load_config
+from resizer.errors import ResizerError
+from resizer.options import cache_key, parse_options
+from resizer.pipeline import Job, Service, open_service
+from resizer.sources.fake import FakeSource, Script
+from resizer.sources.origins import Origin, Origins
+from resizer.transform.fake import FakeTransformer
+
+PATH = "/v/clip.mp4"
+
+
+class CancelAtStep(trio.abc.Instrument):
+    """Cancel a watched task's scope when it is about to run its k-th step."""
+
+    def __init__(self) -> None:
+        self._watched: dict[trio.lowlevel.Task, list[object]] = {}
+        self.fired = 0  # how many cancellations actually landed
+
+    def watch(self, steps: int | None, scope: trio.CancelScope) -> None:
+        if steps is not None:
+            self._watched[trio.lowlevel.current_task()] = [steps, scope]
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        entry = self._watched.get(task)
+        if entry is None:
+            return
+        remaining = int(str(entry[0])) - 1
+        entry[0] = remaining
+        if remaining == 0:
+            self.fired += 1
+            scope = entry[1]
+            assert isinstance(scope, trio.CancelScope)
+            scope.cancel()
+
+
+@dataclass
+class ClientResult:
+    body: bytes = b""
+    completed: bool = False
+    error: ResizerError | None = None
+    work: Work | None = None
+
+
+@dataclass
+class World:
+    service: Service
+    source: FakeSource
+    transformer: FakeTransformer
+    cache_root: Path
+    spill_dir: Path
+    job: Job
+    results: list[ClientResult] = field(default_factory=list)
+
+    @property
+    def expected(self) -> bytes:
+        return self.transformer.output_for(self.job.options)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@asynccontextmanager
+async def open_world(
+    tmp_path: Path,
+    *,
+    script: Script | None = None,
+    transformer: FakeTransformer | None = None,
+    finish_without_clients: bool = False,
+) -> AsyncIterator[World]:
+    cache_root = tmp_path / "cache"
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    config = load_config(
+        text=f"""
+        [cache]
+        path = "{cache_root}"
+        [coalescing]
+        finish_without_clients = {"true" if finish_without_clients else "false"}
+        [[origins]]
+        name = "v"
+        matcher = "^/v/(?P<path>.+)$"
+        [[origins.sources]]
+        type = "filesystem"
+        root = "{tmp_path}"
+        """,
+        env={},
+    )
+    source = FakeSource(spill_dir, {"clip.mp4": b"source" * 1000}, {"clip.mp4": script or Script()})
+    origins = Origins([Origin("v", re.compile(r"^/v/(?P<path>.+)$"), ((source, "${path}", 0),))])
+    fake = transformer or FakeTransformer(size=20_000, chunk_size=2_000)
+    cache = DiskCacheStore(cache_root)
+    cache.prepare()
+    async with open_service(config, cache=cache, transformer=fake, origins=origins) as service:
+        options = parse_options({"width": "320"})
+        job = Job(cache_key(PATH, options), await service.origins.resolve(PATH), options)
+        yield World(service, source, fake, cache_root, spill_dir, job)
+
+
+async def client(world: World, instrument: CancelAtStep, steps: int | None) -> None:
+    """One HTTP-like client: subscribe, wait for the first bytes, read to the end."""
+    result = ClientResult()
+    world.results.append(result)
+    # Against a hanging origin a client gives up eventually (mock time), so the run ends.
+    # Only then: the autojump clock also jumps while a task waits for a worker thread.
+    hanging = any(script.hang for script in world.source.scripts.values())
+    deadline = trio.current_time() + 3600 if hanging else math.inf
+    with trio.CancelScope(deadline=deadline) as scope:
+        instrument.watch(steps, scope)
+        subscription = world.service.subscribe(world.job)
+        result.work = subscription.work
+        try:
+            await subscription.wait_first_bytes()
+            async for chunk in subscription.iter_bytes(0, 4_096):
+                result.body += chunk
+            result.completed = True
+        except ResizerError as exc:
+            result.error = exc
+        finally:
+            subscription.detach()
+
+
+async def settle(world: World) -> None:
+    """Wait until every Work the clients touched has ended and its task is gone."""
+    for result in world.results:
+        if result.work is not None:
+            await result.work.wait_progress(lambda p: p.state is not WorkState.RUNNING)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def assert_clean(world: World, fds_before: int) -> None:
+    """The invariants that must hold after any scenario, however it was cancelled."""
+    service = world.service
+    assert len(service.registry) == 0, "registry not empty"
+    assert service.origin_limiter.borrowed_tokens == 0, "origin limiter token leaked"
+    assert service.transform_limiter.borrowed_tokens == 0, "transform limiter token leaked"
+    assert world.transformer.running == 0, "a transform is still running"
+    assert world.source.open_now == 0, "a source fetch was never closed"
+    assert not list(world.spill_dir.iterdir()), "spilled source files left behind"
+    leftovers = list((world.cache_root / "tmp").iterdir())
+    assert not leftovers, f"partial cache files left behind: {leftovers}"
+    assert not service.registry._nursery.child_tasks, "a Work task outlived its work"
+    entry = await service.cache.lookup(world.job.key)
+    if entry is not None:  # published entries are always complete
+        assert entry.size == len(world.expected)
+    for result in world.results:
+        if result.completed:
+            assert result.body == world.expected, "a completed client got a truncated body"
+        else:
+            assert world.expected.startswith(result.body), "a client got wrong bytes"
+    assert open_fds() <= fds_before, "file descriptors leaked"
