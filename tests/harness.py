@@ -62,6 +62,7 @@ class ClientResult:
     completed: bool = False
     error: ResizerError | None = None
     work: Work | None = None
+    joined: bool = False  # attached to a Work another client started
 
 
 @dataclass
@@ -120,10 +121,18 @@ async def open_world(
         yield World(service, source, fake, cache_root, spill_dir, job)
 
 
-async def client(world: World, instrument: CancelAtStep, steps: int | None) -> None:
-    """One HTTP-like client: subscribe, wait for the first bytes, read to the end."""
-    result = ClientResult()
-    world.results.append(result)
+async def client(
+    world: World,
+    instrument: CancelAtStep,
+    steps: int | None,
+    result: ClientResult,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """One HTTP-like client: subscribe, wait for the first bytes, read to the end.
+
+    Started with ``nursery.start`` it has subscribed when that returns, so clients attach
+    in a known order (trio runs tasks started with ``start_soon`` in no fixed order).
+    """
     # Against a hanging origin a client gives up eventually (mock time), so the run ends.
     # Only then: the autojump clock also jumps while a task waits for a worker thread.
     hanging = any(script.hang for script in world.source.scripts.values())
@@ -131,7 +140,8 @@ async def client(world: World, instrument: CancelAtStep, steps: int | None) -> N
     with trio.CancelScope(deadline=deadline) as scope:
         instrument.watch(steps, scope)
         subscription = world.service.subscribe(world.job)
-        result.work = subscription.work
+        result.work, result.joined = subscription.work, subscription.joined
+        task_status.started()
         try:
             await subscription.wait_first_bytes()
             async for chunk in subscription.iter_bytes(0, 4_096):

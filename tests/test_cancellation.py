@@ -11,7 +11,16 @@ import trio.testing
 
 from resizer.sources.fake import Script
 from resizer.transform.fake import FakeTransformer
-from tests.harness import CancelAtStep, World, assert_clean, client, open_fds, open_world, settle
+from tests.harness import (
+    CancelAtStep,
+    ClientResult,
+    World,
+    assert_clean,
+    client,
+    open_fds,
+    open_world,
+    settle,
+)
 
 FIRED: list[int] = []  # cancellations that landed in the last replay
 MAX_STEPS = 400  # far beyond any scenario's length: the loops end when a run completes
@@ -43,7 +52,9 @@ async def replay(
             steps = steps_for or [None]
             async with trio.open_nursery() as nursery:
                 for index, step in enumerate(steps):
-                    nursery.start_soon(client, world, instrument, step)
+                    result = ClientResult()
+                    world.results.append(result)
+                    await nursery.start(client, world, instrument, step, result)
                     if scenario == "staggered" and index == 0:
                         await trio.sleep(0.1)  # the others join late (mock clock)
             await settle(world)
@@ -71,12 +82,6 @@ async def test_single_client_cancelled_at_every_checkpoint(
         pytest.fail("the scenario never completed")
 
 
-@pytest.mark.xfail(
-    reason="issue 4 open: in this harness the staying client does not complete when the "
-    "other is cancelled at its first step; the HTTP-level test of the same property passes "
-    "(test_pipeline, test_http); not yet explained",
-    strict=False,
-)
 async def test_first_of_two_leaving_never_disturbs_the_second(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -84,6 +89,7 @@ async def test_first_of_two_leaving_never_disturbs_the_second(
     for step in range(1, MAX_STEPS):
         world = await replay(tmp_path / str(step), "two", [step, None])
         leaver, stayer = world.results
+        assert (leaver.joined, stayer.joined) == (False, True)  # the leaver started the Work
         assert stayer.completed, (step, stayer.error, len(stayer.body), FIRED)
         assert await world.service.cache.lookup(world.job.key) is not None
         assert world.transformer.runs_started == 1
