@@ -28,7 +28,7 @@ from .options import (
     build_options,
     normalize_params,
 )
-from .units import DAYS, HOURS, MINUTES, SECONDS, GiB, KiB, MiB
+from .units import DAYS, HOURS, MILLISECONDS, MINUTES, SECONDS, GiB, KiB, MiB
 
 Duration = NewType("Duration", float)  # seconds
 ByteSize = NewType("ByteSize", int)  # bytes
@@ -100,6 +100,10 @@ class CoalescingConfig:
     # Let a transformation finish and fill the cache when its last client left (default:
     # stop it at once, nobody needs it).
     finish_without_clients: bool = False
+    # Processes sharing a disk cache produce each key once: one leads (a lock on the partial
+    # entry), the others tail its partial file, looking every lease_poll_interval.
+    cross_process: bool = True
+    lease_poll_interval: Duration = Duration(20 * MILLISECONDS)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,11 @@ class Metrics:
             "resizer_origin_fetches", "Sources opened for a transformation", registry=r
         )
         self.transforms = Counter("resizer_transforms", "ffmpeg processes started", registry=r)
+        self.lease_follows = Counter(
+            "resizer_lease_follows",
+            "Works that tailed the output another process was producing (shared disk cache)",
+            registry=r,
+        )
         self.coalesced = Counter(
             "resizer_coalesced", "Requests that attached to in-flight work", registry=r
         )

@@ -16,9 +16,11 @@ import structlog
 import trio
 
 from .cache.base import CacheStore, EntryMeta
-from .cache.disk import DiskCacheStore
+from .cache.disk import DiskCacheStore, DiskSpoolReader, DiskWriter
+from .cache.leases import Follow, FollowLost, Lead, LeaseBoard
 from .cache.memory import MemoryCacheStore
 from .concurrency.coalescing import Subscription, Work, WorkRegistry
+from .concurrency.groups import unwrap_single_exception
 from .config import Config
 from .errors import Forbidden, ServiceUnavailable, SourceTooLarge, TransformFailed
 from .metrics import Metrics
@@ -66,6 +68,11 @@ class Service:
         self.registry = registry
         self.metrics = metrics
         self.remote = remote
+        # Set when the cache is a disk folder other processes may share (see cache/leases.py).
+        self.disk = cache if isinstance(cache, DiskCacheStore) else None
+        self.leases: LeaseBoard | None = None
+        if self.disk is not None and config.coalescing.cross_process:
+            self.leases = self.disk.leases
         limits = config.limits
         # Tokens are held by Work tasks; attaching to a Work never takes one.
         self.origin_limiter = trio.CapacityLimiter(limits.max_concurrent_origins)
@@ -113,10 +120,97 @@ class Service:
         """Fetch, transform and spool into the cache; runs in the service nursery."""
         self.metrics.inflight_works.inc()
         try:
-            async with self._origin_slot():
-                await self._fetch_transform_spool(work, job)
+            if self.leases is None:
+                async with self._origin_slot():
+                    await self._fetch_transform_spool(work, job)
+                return
+            while True:
+                # Synchronous: no cancellation between taking a lease and owning it.
+                lease = self.leases.acquire(job.key)
+                if isinstance(lease, Lead):
+                    try:
+                        await self._lead(work, job, lease)
+                    finally:
+                        lease.release()
+                    return
+                try:
+                    if await self._follow(work, job, lease):
+                        return
+                finally:
+                    lease.release()
+                # The leader stopped before anyone here saw a byte: produce it ourselves.
         finally:
             self.metrics.inflight_works.dec()
+
+    async def _lead(self, work: Work, job: Job, lead: Lead) -> None:
+        """Produce ``job`` holding its cross-process lease; others may tail the output."""
+        assert self.disk is not None
+        # The previous leader may have published just before we took the lease.
+        entry = await self.cache.lookup(job.key)
+        if entry is not None:
+            try:
+                work.spool_from(self.disk.open_spool(entry))
+            except KeyError:
+                pass  # replaced or deleted meanwhile: produce it again
+            else:
+                work.advance(entry.size)
+                work.finish(entry)
+                return
+        with unwrap_single_exception():
+            async with self._origin_slot(), trio.open_nursery() as nursery:
+                work.followed_elsewhere = lead.followed
+                # Our clients may all leave while other processes still follow: then this
+                # watcher ends the Work once they have left too.
+                nursery.start_soon(self._abandon_when_unfollowed, work)
+                await self._fetch_transform_spool(work, job, lead)
+                nursery.cancel_scope.cancel()
+
+    async def _abandon_when_unfollowed(self, work: Work) -> None:
+        # Polls only once no client here needs the Work: followers cannot signal leaving.
+        await work.kept_for_followers.wait()
+        while True:
+            await trio.sleep(self.config.coalescing.lease_poll_interval)
+            if self.registry.abandon_if_unwanted(work):
+                return
+
+    async def _follow(self, work: Work, job: Job, follow: Follow) -> bool:
+        """Tail another process's output for ``job`` until it ends.
+
+        True when it published the entry (the Work is finished); False when it stopped before
+        this process delivered anything, so the caller may produce the output itself. Raises
+        when it stopped after bytes went out: they cannot be continued from another run.
+        """
+        assert self.disk is not None
+        self.metrics.lease_follows.inc()
+        poll = self.config.coalescing.lease_poll_interval
+        while True:
+            try:
+                tail = follow.poll()
+            except FollowLost as exc:
+                if work.current.produced:
+                    raise TransformFailed(f"lost the output of another process: {exc}") from exc
+                return False
+            if follow.attached and work.spool is None:
+                work.spool_from(DiskSpoolReader(follow.partial_fd()))
+            if tail.size > work.current.produced:
+                work.advance(tail.size)
+            if not tail.leader_alive:
+                break
+            await trio.sleep(poll)
+        entry = await self.cache.lookup(job.key)
+        produced = work.current.produced
+        if entry is not None and produced == 0:
+            try:
+                work.spool_from(self.disk.open_spool(entry))
+            except KeyError:
+                return False
+            work.advance(entry.size)
+        if entry is not None and entry.size == work.current.produced:
+            work.finish(entry)
+            return True
+        if produced == 0:
+            return False
+        raise TransformFailed("the process producing this output stopped before it finished")
 
     @asynccontextmanager
     async def _origin_slot(self) -> AsyncIterator[None]:
@@ -136,7 +230,7 @@ class Service:
         finally:
             self.origin_limiter.release()
 
-    async def _fetch_transform_spool(self, work: Work, job: Job) -> None:
+    async def _fetch_transform_spool(self, work: Work, job: Job, lead: Lead | None = None) -> None:
         chunk = self.config.cache.read_chunk
         async with (
             self.cache.open_writer(
@@ -148,6 +242,9 @@ class Service:
             job.source.source.open(job.source.path) as local,
         ):
             work.spool_into(writer)
+            if lead is not None:
+                assert isinstance(writer, DiskWriter)  # leases exist for disk caches only
+                lead.announce(writer.partial_path)
             self.metrics.origin_fetches.inc()
             info = await self.transformer.probe(local.path)
             check_source(info, local.size, self.source_limits)

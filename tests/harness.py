@@ -21,7 +21,7 @@ import trio.testing
 
 from resizer.cache.disk import DiskCacheStore
 from resizer.concurrency.coalescing import Work, WorkState
-from resizer.config import load_config
+from resizer.config import Config, load_config
 from resizer.errors import ResizerError
 from resizer.options import cache_key, parse_options
 from resizer.pipeline import Job, Service, open_service
@@ -84,6 +84,30 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def fake_origin_config(cache_root: Path, coalescing: str = "") -> Config:
+    """A configuration with a disk cache at ``cache_root`` and one origin ``/v/...``."""
+    return load_config(
+        text=f"""
+        [cache]
+        path = "{cache_root}"
+        [coalescing]
+        {coalescing}
+        [[origins]]
+        name = "v"
+        matcher = "^/v/(?P<path>.+)$"
+        [[origins.sources]]
+        type = "filesystem"
+        root = "{cache_root}"
+        """,
+        env={},
+    )
+
+
+def fake_origins(source: FakeSource) -> Origins:
+    """The origins of ``fake_origin_config`` with ``source`` in place of the folder."""
+    return Origins([Origin("v", re.compile(r"^/v/(?P<path>.+)$"), ((source, "${path}", 0),))])
+
+
 @asynccontextmanager
 async def open_world(
     tmp_path: Path,
@@ -95,23 +119,12 @@ async def open_world(
     cache_root = tmp_path / "cache"
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir(parents=True, exist_ok=True)
-    config = load_config(
-        text=f"""
-        [cache]
-        path = "{cache_root}"
-        [coalescing]
-        finish_without_clients = {"true" if finish_without_clients else "false"}
-        [[origins]]
-        name = "v"
-        matcher = "^/v/(?P<path>.+)$"
-        [[origins.sources]]
-        type = "filesystem"
-        root = "{tmp_path}"
-        """,
-        env={},
+    config = fake_origin_config(
+        cache_root,
+        f"finish_without_clients = {'true' if finish_without_clients else 'false'}",
     )
     source = FakeSource(spill_dir, {"clip.mp4": b"source" * 1000}, {"clip.mp4": script or Script()})
-    origins = Origins([Origin("v", re.compile(r"^/v/(?P<path>.+)$"), ((source, "${path}", 0),))])
+    origins = fake_origins(source)
     fake = transformer or FakeTransformer(size=20_000, chunk_size=2_000)
     cache = DiskCacheStore(cache_root)
     cache.prepare()

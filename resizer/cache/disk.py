@@ -5,6 +5,7 @@ Layout under ``root``::
     entries/<d[0:2]>/<digest>.meta.json        published metadata: EntryMeta plus "data"
     entries/<d[0:2]>/<digest>.<etag>.data      the entry's bytes, named by their content hash
     tmp/<digest>.<token>.data / .meta.json     partial writes
+    tmp/<digest>.lock                          cross-process lease (see ``leases``)
 
 A commit writes the data to tmp/, renames it into entries/, writes the metadata to tmp/ and
 ``os.replace``s it onto ``<digest>.meta.json`` (the one commit point), and only then removes
@@ -44,6 +45,7 @@ from ..errors import ResizerError
 from ..options import key_digest
 from ..units import SECONDS
 from .base import DEFAULT_READ_CHUNK, EntryMeta, check_range, format_etag, new_etag_hasher
+from .leases import LeaseBoard
 
 log = structlog.get_logger(__name__)
 
@@ -130,19 +132,33 @@ class DiskCacheStore:
         # concurrent commits, deletes and lookups dropping a torn entry never remove live data.
         # Held only inside worker threads, for a few syscalls.
         self._publish_lock = threading.Lock()
+        # Lets the processes sharing this folder produce each key once (see leases.py).
+        self.leases = LeaseBoard(self._tmp_dir)
 
     def prepare(self) -> int:
         """Create the folders and remove what a crash left behind; returns the files removed.
 
-        Blocking; call it at start-up before any writer runs (a committing writer's data file
-        is briefly unreferenced, which is exactly what this removes).
+        Blocking; call it at start-up before this process runs any writer. Other processes
+        may share the folder: partial files of keys another live process leads are kept
+        (their committing writers' data files are briefly unreferenced too, and only
+        ``_remove_unreferenced`` of a single-process start-up may remove those).
         """
         self._entries_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         removed = 0
+        leased: dict[str, bool] = {}
         for partial_file in self._tmp_dir.iterdir():
-            partial_file.unlink(missing_ok=True)
-            removed += 1
+            digest = partial_file.name.split(".", 1)[0]
+            if digest not in leased:
+                leased[digest] = self.leases.is_leased(digest)
+            if not leased[digest]:
+                removed += partial_file.exists()
+                partial_file.unlink(missing_ok=True)
+        if any(leased.values()):
+            # Another process is writing: a data file it is committing can look unreferenced.
+            if removed:
+                log.info("cache_leftovers_removed", root=str(self.root), files=removed)
+            return removed
         for folder in self._entries_dir.iterdir():
             if folder.is_dir():
                 removed += self._remove_unreferenced(folder)
@@ -160,6 +176,16 @@ class DiskCacheStore:
 
     async def lookup(self, key: str) -> EntryMeta | None:
         return await trio.to_thread.run_sync(self._lookup_sync, key)
+
+    def open_spool(self, entry: EntryMeta) -> DiskSpoolReader:
+        """A spool reader over a published entry's data (raises ``KeyError`` once it is gone)."""
+        path = self.data_path(entry)
+        if path is None:
+            raise KeyError(entry.key)
+        try:
+            return DiskSpoolReader(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except FileNotFoundError as exc:
+            raise KeyError(entry.key) from exc
 
     @asynccontextmanager
     async def open_range(
@@ -180,7 +206,7 @@ class DiskCacheStore:
     @asynccontextmanager
     async def open_writer(
         self, key: str, *, content_type: str, ttl: float, options: str
-    ) -> AsyncIterator[_DiskWriter]:
+    ) -> AsyncIterator[DiskWriter]:
         digest = key_digest(key)
         # The random token keeps concurrent writers of one key apart.
         tmp_path = self._tmp_dir / f"{digest}.{secrets.token_hex(8)}{_DATA_SUFFIX}"
@@ -190,7 +216,7 @@ class DiskCacheStore:
         # before the cleanup below is in place (the cancellation harness found this).
         await trio.lowlevel.checkpoint()
         file = trio.wrap_file(open(tmp_path, "xb", buffering=0))  # noqa: ASYNC230, SIM115
-        writer = _DiskWriter(
+        writer = DiskWriter(
             self,
             key=key,
             digest=digest,
@@ -376,7 +402,7 @@ class _FileChunks:
         return chunk
 
 
-class _DiskWriter:
+class DiskWriter:
     """Streams into a tmp file while hashing; ``commit`` hands it to the store to publish."""
 
     def __init__(
@@ -407,6 +433,11 @@ class _DiskWriter:
     def bytes_written(self) -> int:
         return self._size
 
+    @property
+    def partial_path(self) -> Path:
+        """The partial file being written (followers in other processes tail it)."""
+        return self._tmp_path
+
     async def write(self, data: bytes | bytearray) -> None:
         self._ensure_open()
         # If the write fails or is cancelled, file and hash may disagree: refuse to commit.
@@ -419,11 +450,11 @@ class _DiskWriter:
         self._size += len(data)
         self._finished = None
 
-    def open_reader(self) -> _DiskSpoolReader:
+    def open_reader(self) -> DiskSpoolReader:
         self._ensure_open()
         # Its own descriptor: it keeps reading after the rename at commit or the unlink at
         # discard (POSIX), so the reader never depends on the writer's lifetime.
-        return _DiskSpoolReader(os.open(self._tmp_path, os.O_RDONLY | os.O_CLOEXEC))
+        return DiskSpoolReader(os.open(self._tmp_path, os.O_RDONLY | os.O_CLOEXEC))
 
     async def commit(self) -> EntryMeta:
         self._ensure_open()
@@ -461,15 +492,17 @@ class _DiskWriter:
             raise RuntimeError(f"cache writer already {self._finished}")
 
 
-class _DiskSpoolReader:
+class DiskSpoolReader:
+    """Positional reads from a descriptor it owns (any file: partial, published, followed)."""
+
     def __init__(self, fd: int) -> None:
         self._fd = fd
 
     async def read_at(self, offset: int, size: int) -> bytes:
         return await trio.to_thread.run_sync(os.pread, self._fd, size, offset)
 
-    def clone(self) -> _DiskSpoolReader:
-        return _DiskSpoolReader(os.dup(self._fd))
+    def clone(self) -> DiskSpoolReader:
+        return DiskSpoolReader(os.dup(self._fd))
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -59,6 +59,11 @@ class Work:
         self.entry: EntryMeta | None = None
         self.error: ResizerError | None = None
         self.subscribers = 0
+        # Set by a Work that leads a cross-process lease: True while another process tails
+        # its output, which keeps the Work alive after its own clients left. Returning False
+        # is final (see ``Lead.followed``).
+        self.followed_elsewhere: Callable[[], bool] | None = None
+        self.kept_for_followers = trio.Event()  # set when only other processes need it
 
     @property
     def state(self) -> WorkState:
@@ -73,7 +78,17 @@ class Work:
 
     # The calls a producer makes, in order.
     def spool_into(self, writer: CacheWriter) -> None:
-        self.spool = writer.open_reader()
+        self.spool_from(writer.open_reader())
+
+    def spool_from(self, reader: SpoolReader) -> None:
+        """Read the output from ``reader`` (a follower's view, or a published entry).
+
+        Only before anything was produced: subscribers clone the spool once bytes exist.
+        """
+        assert self.current.produced == 0
+        if self.spool is not None:
+            self.spool.close()
+        self.spool = reader
 
     def advance(self, produced: int) -> None:
         self.progress.value = Progress(produced, WorkState.RUNNING)
@@ -193,13 +208,23 @@ class WorkRegistry:
     def _release(self, work: Work) -> None:
         work.subscribers -= 1
         work.close_spool_if_idle()
+        self.abandon_if_unwanted(work)
+
+    def abandon_if_unwanted(self, work: Work) -> bool:
+        """Cancel ``work`` if no client here or elsewhere needs it; True if it did.
+
+        Decides and unregisters in one synchronous step: nobody can attach from now on.
+        """
         if work.subscribers > 0 or work.state is not WorkState.RUNNING:
-            return
+            return False
         if self.finish_without_clients:
-            return
-        # Decide and unregister in one synchronous step: nobody can attach from now on.
+            return False
+        if work.followed_elsewhere is not None and work.followed_elsewhere():
+            work.kept_for_followers.set()  # the Work's lease watcher asks again later
+            return False
         self._forget(work)
         work.cancel_scope.cancel()
+        return True
 
     def _forget(self, work: Work) -> None:
         if self._works.get(work.key) is work:

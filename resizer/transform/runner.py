@@ -21,6 +21,7 @@ from typing import NoReturn
 import imageio_ffmpeg
 import trio
 
+from ..concurrency.groups import unwrap_single_exception
 from ..errors import ConfigError, ResizerError, TransformFailed, TransformTimeout
 from ..options import TransformOptions
 from ..units import MINUTES, SECONDS, KiB
@@ -225,13 +226,9 @@ class FfmpegTransformer:
         drain_scope = trio.CancelScope(shield=True)
         output = FfmpegOutput(process, stdout, deadline, self.timeout, tail, stderr_done, source)
 
-        # trio wraps whatever leaves a nursery in an ExceptionGroup (strict groups). The only
-        # thing that can leave this one is the caller's exception (the drainer never raises),
-        # so the group always holds exactly it: unwrap that one layer, outside the except
-        # block so it doesn't get the group as __context__. contextlib then sees its own
-        # exception come back and re-raises it unchanged (same object, original traceback).
-        escaped: BaseException | None = None
-        try:
+        # The drainer never raises, so only the caller's exception can leave the nursery:
+        # unwrap it from trio's group (contextlib then re-raises it unchanged).
+        with unwrap_single_exception():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_drain, stderr, tail, stderr_done, drain_scope)
                 try:
@@ -239,12 +236,6 @@ class FfmpegTransformer:
                 finally:
                     await self._terminate(process, stdout)
                     drain_scope.cancel()
-        except BaseExceptionGroup as group:
-            if len(group.exceptions) != 1:
-                raise
-            escaped = group.exceptions[0]
-        if escaped is not None:
-            raise escaped
 
     async def _terminate(self, process: trio.Process, stdout: trio.abc.ReceiveStream) -> None:
         """Make sure ffmpeg is gone: SIGTERM, grace, SIGKILL; immune to outer cancellation."""
