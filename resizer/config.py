@@ -64,7 +64,9 @@ class TransformConfig:
     ffmpeg: str = ""  # empty: $RESIZER_FFMPEG, else the bundled imageio-ffmpeg binary
     timeout: Duration = Duration(10 * MINUTES)
     probe_timeout: Duration = Duration(20 * SECONDS)
-    kill_grace: Duration = Duration(1 * SECONDS)
+    # Abandoned output is never used: ffmpeg gets SIGTERM, then SIGKILL if it is still
+    # flushing its encoders (x264 lookahead at slow presets takes most of a second).
+    kill_grace: Duration = Duration(200 * MILLISECONDS)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,12 @@ from resizer.web.server import serve_resizer
 
 def server_config(media: Path, cache: Path, extra: str = "") -> Config:
     """A configuration serving ``/videos/<path>`` from ``media`` with a disk cache in ``cache``."""
-    text = f"""
+    return load_config(text=server_config_text(media, cache, extra), env={})
+
+
+def server_config_text(media: Path, cache: Path, extra: str = "") -> str:
+    """``server_config`` as TOML, for a server started as a separate process."""
+    return f"""
     [server]
     host = "127.0.0.1"
     port = 0
@@ -32,7 +37,6 @@ def server_config(media: Path, cache: Path, extra: str = "") -> Config:
     path = "${{path}}"
     {extra}
     """
-    return load_config(text=text, env={})
 
 
 @dataclass
