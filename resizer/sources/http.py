@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
@@ -126,8 +126,11 @@ def _last_modified(response: httpx.Response) -> float:
         return 0.0
 
 
+RequestSigner = Callable[[httpx.Request], None]
+
+
 class HttpSource:
-    kind = "http"
+    """An origin spoken to over HTTP; also the transport of the S3 source (``sign``)."""
 
     def __init__(
         self,
@@ -140,7 +143,10 @@ class HttpSource:
         connect_timeout: float = 5 * SECONDS,
         first_byte_timeout: float = 20 * SECONDS,
         total_timeout: float = 5 * MINUTES,
+        sign: RequestSigner | None = None,
+        kind: str = "http",
     ) -> None:
+        self.kind = kind  # reported in X-Source
         self.client = client
         self.spill_dir = spill_dir
         self.base = _parse_base(base_url) if base_url else None
@@ -152,6 +158,9 @@ class HttpSource:
         self.total_timeout = total_timeout
         # Per request, so a client built with other settings still honours this source's.
         self._timeout = httpx.Timeout(None, connect=connect_timeout)
+        # Adds authentication computed from the final request (e.g. AWS SigV4) just before
+        # it is sent; it may set headers, never change the URL.
+        self._sign = sign
 
     def url(self, path: str) -> httpx.URL:
         """The URL ``path`` names: under ``base_url``, or ``path`` itself when there is none."""
@@ -237,6 +246,8 @@ class HttpSource:
         request = self.client.build_request(
             method, url, headers={**self.headers, **(extra or {})}, timeout=self._timeout
         )
+        if self._sign is not None:
+            self._sign(request)
         try:
             try:
                 with trio.fail_after(self.first_byte_timeout):
