@@ -112,6 +112,10 @@ class CoalescingConfig:
 class SecurityConfig:
     # Hosts whose absolute http(s) URLs the /cdn-cgi/media form may fetch; empty: none (403).
     allowed_remote_hosts: tuple[str, ...] = ()
+    # Origins never resolve to loopback, private or link-local addresses unless a configured
+    # source (or allowed_remote_hosts) names that IP literally, or it lies in one of these
+    # networks (e.g. "10.0.0.0/8" for an internal object store).
+    allowed_private_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,10 +143,32 @@ class ResponsiveConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    type: Literal["filesystem"]
-    root: str = ""
-    path: str = "${path}"
-    priority: int = 0
+    type: Literal["filesystem", "http", "s3"]
+    path: str = "${path}"  # template filled from the origin matcher's captures
+    priority: int = 0  # lower first
+    name: str = ""  # for metrics and logs; default "<origin>.<index>"
+    root: str = ""  # filesystem: the folder
+    base_url: str = ""  # http: the path is appended to it
+    bucket: str = ""  # s3
+    region: str = "us-east-1"  # s3
+    endpoint_url: str = ""  # s3-compatible stores; empty: AWS (virtual-hosted URLs)
+    access_key_id: str = ""  # s3; empty: $AWS_ACCESS_KEY_ID
+    secret_access_key: str = ""  # s3; empty: $AWS_SECRET_ACCESS_KEY
+    headers: dict[str, str] = field(default_factory=dict)  # http/s3: sent with every request
+    # http: {type = "bearer", env = "VAR"} (token read from $VAR at start-up) or
+    # {type = "header", name = "X-Api-Key", value = "..." | env = "VAR"}.
+    auth: dict[str, str] = field(default_factory=dict)
+    connect_timeout: Duration = Duration(5 * SECONDS)
+    first_byte_timeout: Duration = Duration(20 * SECONDS)
+    total_timeout: Duration = Duration(5 * MINUTES)
+    # Circuit breaker: open after this many consecutive failures, probe again after
+    # reset_timeout with at most half_open_max requests at once.
+    failure_threshold: int = 5
+    reset_timeout: Duration = Duration(60 * SECONDS)
+    half_open_max: int = 3
+
+
+TTL_CLASSES = ("ok", "redirects", "client_error", "server_error")
 
 
 @dataclass(frozen=True)
@@ -150,6 +176,9 @@ class OriginConfig:
     name: str
     matcher: str
     sources: tuple[SourceConfig, ...] = ()
+    # Cache-Control max-age by response class, seconds; "ok" also sets the cache entry's
+    # TTL (default: [cache] ttl). Errors are never stored, so theirs bound clients' caches.
+    ttl: dict[str, Duration] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -370,8 +399,9 @@ def _build_origins(raw: object, problems: _Problems) -> tuple[OriginConfig, ...]
         if not isinstance(item, dict):
             problems.add(where, "must be a table")
             continue
-        body = {k: v for k, v in item.items() if k != "sources"}
+        body = {k: v for k, v in item.items() if k not in ("sources", "ttl")}
         head = _build(OriginConfig, body, f"{where}.", problems)
+        ttl = _build_ttl(item.get("ttl", {}), f"{where}.ttl", problems)
         sources_raw = item.get("sources", [])
         sources: list[SourceConfig] = []
         if not isinstance(sources_raw, list) or not sources_raw:
@@ -384,8 +414,7 @@ def _build_origins(raw: object, problems: _Problems) -> tuple[OriginConfig, ...]
                     continue
                 source = _build(SourceConfig, s_item, f"{s_where}.", problems)
                 if source is not None:
-                    if source.type == "filesystem" and not source.root:
-                        problems.add(f"{s_where}.root", "required for type = 'filesystem'")
+                    _check_source(source, s_where, problems)
                     sources.append(source)
         if head is None:
             continue
@@ -396,8 +425,60 @@ def _build_origins(raw: object, problems: _Problems) -> tuple[OriginConfig, ...]
             re.compile(head.matcher)
         except re.error as exc:
             problems.add(f"{where}.matcher", f"not a valid regular expression: {exc}")
-        origins.append(dataclasses.replace(head, sources=tuple(sources)))
+        origins.append(dataclasses.replace(head, sources=tuple(sources), ttl=ttl))
     return tuple(origins)
+
+
+def _build_ttl(raw: object, where: str, problems: _Problems) -> dict[str, Duration]:
+    if not isinstance(raw, dict):
+        problems.add(where, "must be a table like { ok = 86400, client_error = 60 }")
+        return {}
+    ttl: dict[str, Duration] = {}
+    for name, value in raw.items():
+        if name not in TTL_CLASSES:
+            problems.add(f"{where}.{name}", f"unknown class; allowed: {', '.join(TTL_CLASSES)}")
+            continue
+        try:
+            ttl[name] = Duration(parse_duration(value))
+        except ValueError as exc:
+            problems.add(f"{where}.{name}", str(exc))
+    return ttl
+
+
+_REQUIRED_BY_TYPE = {"filesystem": ("root",), "http": ("base_url",), "s3": ("bucket",)}
+_AUTH_KEYS = {"bearer": {"type", "env"}, "header": {"type", "name", "value", "env"}}
+
+
+def _check_source(source: SourceConfig, where: str, problems: _Problems) -> None:
+    """Rules of one [[origins.sources]] table that depend on its type."""
+    for key in _REQUIRED_BY_TYPE[source.type]:
+        if not getattr(source, key):
+            problems.add(f"{where}.{key}", f"required for type = {source.type!r}")
+    if (
+        source.type == "http"
+        and source.base_url
+        and not re.match(r"^https?://[^/?#]+", source.base_url)
+    ):
+        problems.add(f"{where}.base_url", "must be an absolute http(s) URL")
+    if source.auth:
+        kind = source.auth.get("type", "")
+        if source.type != "http":
+            problems.add(f"{where}.auth", "only http sources take auth (s3 signs requests)")
+        elif kind not in _AUTH_KEYS:
+            problems.add(f"{where}.auth.type", "allowed: bearer, header")
+        else:
+            for key in set(source.auth) - _AUTH_KEYS[kind]:
+                problems.add(f"{where}.auth.{key}", f"unknown key for auth type {kind!r}")
+            if kind == "bearer" and not source.auth.get("env"):
+                problems.add(f"{where}.auth.env", "names the variable holding the token")
+            if kind == "header" and not source.auth.get("name"):
+                problems.add(f"{where}.auth.name", "the header to send")
+            if kind == "header" and not (source.auth.get("value") or source.auth.get("env")):
+                problems.add(f"{where}.auth.value", "give value or env")
+    if source.failure_threshold < 1:
+        problems.add(f"{where}.failure_threshold", "must be at least 1")
+    if source.half_open_max < 1:
+        problems.add(f"{where}.half_open_max", "must be at least 1")
 
 
 def _build_derivatives(raw: object, problems: _Problems) -> dict[str, dict[str, str]]:

@@ -15,6 +15,8 @@ class ResizerError(Exception):
     code: str = "internal_error"
     # Whether ``message`` may reach clients; internal details (ffmpeg's stderr) stay in logs.
     public_message: str | None = None
+    # Seconds clients may cache this error (the origin's TTL for its class); 0: no-store.
+    max_age: float = 0
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -23,6 +25,22 @@ class ResizerError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers this error implies (e.g. Content-Range, Retry-After)."""
         return {}
+
+
+class RememberedFailure(ResizerError):
+    """A recent failure for the same key, answered again without asking the origin."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str], max_age: float
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self._headers = headers
+        self.max_age = max_age
+
+    def headers(self) -> dict[str, str]:
+        return dict(self._headers)
 
 
 class InvalidOption(ResizerError):

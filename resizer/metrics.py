@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .concurrency.breaker import BreakerState, CircuitBreaker
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -45,6 +49,32 @@ class Metrics:
         self.transforms_running = Gauge(
             "resizer_transforms_running", "ffmpeg processes running", registry=r
         )
+
+        self.breaker_trips = Counter(
+            "resizer_circuit_breaker_trips",
+            "Times a source's circuit breaker opened",
+            ["source"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "resizer_circuit_breaker_state",
+            "Circuit breaker state per source: 0 closed, 1 half-open, 2 open",
+            ["source"],
+            registry=r,
+        )
+
+    def track_breakers(self, breakers: Iterable[CircuitBreaker]) -> None:
+        """Export every source's breaker (state 0 until it changes)."""
+        for breaker in breakers:
+            self.breaker_state.labels(breaker.name).set(breaker.state.value)
+            self.breaker_trips.labels(breaker.name)
+
+    def breaker_changed(self, breaker: CircuitBreaker) -> None:
+        """``CircuitBreaker.on_change``: keep the gauge current and count the trips."""
+        state = breaker._state  # not .state: reading it may itself report a change
+        self.breaker_state.labels(breaker.name).set(state.value)
+        if state is BreakerState.OPEN:
+            self.breaker_trips.labels(breaker.name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,7 +8,8 @@ in-flight works, metrics) and the nursery that in-flight works run in. The web l
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -17,17 +18,26 @@ import trio
 
 from .cache.base import CacheStore, EntryMeta
 from .cache.disk import DiskCacheStore, DiskSpoolReader, DiskWriter
+from .cache.failures import FailureCache
 from .cache.leases import Follow, FollowLost, Lead, LeaseBoard
 from .cache.memory import MemoryCacheStore
 from .concurrency.coalescing import Subscription, Work, WorkRegistry
 from .concurrency.groups import unwrap_single_exception
 from .config import Config
-from .errors import Forbidden, ServiceUnavailable, SourceTooLarge, TransformFailed
+from .errors import (
+    Forbidden,
+    NoOriginMatched,
+    ResizerError,
+    ServiceUnavailable,
+    SourceTooLarge,
+    TransformFailed,
+)
 from .metrics import Metrics
 from .options import OutputFormat, TransformOptions
 from .responsive import policy_from_config
 from .sources.http import HttpSource, make_http_client
 from .sources.origins import Origins, Resolved
+from .sources.security import AddressPolicy
 from .targets import Target, check_remote_allowed
 from .transform.argv import EncoderSettings
 from .transform.base import Transformer
@@ -47,6 +57,15 @@ class Job:
     source: Resolved
     options: TransformOptions
     sheet_url: str = ""  # for format=vtt: the spritesheet the cues point at
+
+
+@dataclass
+class Lookup:
+    """What ``Service.lookup_or_resolve`` found: an entry, or (on a miss) the source."""
+
+    entry: EntryMeta | None = None
+    resolved: Resolved | None = None
+    error: ResizerError | None = None
 
 
 class Service:
@@ -80,6 +99,7 @@ class Service:
             limits.max_concurrent_transforms or os.cpu_count() or 1
         )
         self.policy = policy_from_config(config)
+        self.failures = FailureCache(time.monotonic)
         self.source_limits = SourceLimits(
             max_size=config.limits.max_source_size,
             max_duration_ms=round(config.limits.max_source_duration * 1000),
@@ -103,6 +123,41 @@ class Service:
                 f"the limit is {self.source_limits.max_size}"
             )
         return resolved
+
+    async def lookup_or_resolve(self, key: str, target: Target) -> Lookup:
+        """The cache entry for ``key``, or else the resolved source of ``target``.
+
+        Both start at once: a hit cancels the resolution (it never waits for an origin), and
+        a miss does not pay for the lookup and the origin's answer one after the other.
+        Resolution errors (404, 502...) only count on a miss.
+        """
+        outcome = Lookup()
+
+        async def resolve() -> None:
+            try:
+                outcome.resolved = await self.resolve(target)
+            except ResizerError as exc:
+                outcome.error = exc
+
+        with unwrap_single_exception():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(resolve)
+                outcome.entry = await self.lookup(key)
+                if outcome.entry is not None:
+                    nursery.cancel_scope.cancel()
+        if outcome.entry is None and outcome.error is not None:
+            raise outcome.error
+        return outcome
+
+    def ttl_for(self, target: Target) -> Mapping[str, float]:
+        """The TTL by response class of the origin ``target`` matches ({} for none)."""
+        if target.remote:
+            return {}
+        try:
+            origin, _ = self.origins.match(target.source)
+        except NoOriginMatched:
+            return {}
+        return origin.ttl
 
     async def lookup(self, key: str) -> EntryMeta | None:
         entry = await self.cache.lookup(key)
@@ -236,10 +291,10 @@ class Service:
             self.cache.open_writer(
                 job.key,
                 content_type=job.options.content_type,
-                ttl=self.config.cache.ttl,
+                ttl=(job.source.ttl or {}).get("ok", self.config.cache.ttl),
                 options=job.options.canonical(),
             ) as writer,
-            job.source.source.open(job.source.path) as local,
+            job.source.open() as local,
         ):
             work.spool_into(writer)
             if lead is not None:
@@ -306,20 +361,36 @@ async def open_service(
     cache = cache if cache is not None else build_cache(config)
     spill_dir = config.resolve_path(config.cache.path) / "sources"
     spill_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics()
     async with (
         make_http_client(connect_timeout=5 * SECONDS) as client,
         trio.open_nursery() as nursery,
     ):
+        if origins is None:
+            origins = Origins.from_config(
+                config,
+                client=client,
+                spill_dir=spill_dir,
+                on_breaker_change=metrics.breaker_changed,
+            )
+        metrics.track_breakers(origins.breakers)
+        security = config.security
         service = Service(
             config,
             cache=cache,
-            origins=origins if origins is not None else Origins.from_config(config),
+            origins=origins,
             transformer=transformer,
             registry=WorkRegistry(
                 nursery, finish_without_clients=config.coalescing.finish_without_clients
             ),
-            metrics=Metrics(),
-            remote=HttpSource(client, spill_dir=spill_dir, max_size=config.limits.max_source_size),
+            metrics=metrics,
+            remote=HttpSource(
+                client,
+                spill_dir=spill_dir,
+                max_size=config.limits.max_source_size,
+                address_policy=AddressPolicy.from_config(config),
+                redirect_hosts=frozenset(security.allowed_remote_hosts),
+            ),
         )
         yield service
         # Leaving the block ends every in-flight work (shutdown): their cleanup is shielded.

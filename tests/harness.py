@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -105,7 +104,7 @@ def fake_origin_config(cache_root: Path, coalescing: str = "") -> Config:
 
 def fake_origins(source: FakeSource) -> Origins:
     """The origins of ``fake_origin_config`` with ``source`` in place of the folder."""
-    return Origins([Origin("v", re.compile(r"^/v/(?P<path>.+)$"), ((source, "${path}", 0),))])
+    return Origins([Origin.simple("v", r"^/v/(?P<path>.+)$", source)])
 
 
 @asynccontextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,7 +27,7 @@ async def fake_service(
     tmp_path: Path, transformer: FakeTransformer
 ) -> AsyncIterator[tuple[Service, FakeSource, MemoryCacheStore]]:
     source = FakeSource(tmp_path, {"a.mp4": b"source bytes"})
-    origins = Origins([Origin("v", re.compile(r"^/v/(?P<path>.+)$"), ((source, "${path}", 0),))])
+    origins = Origins([Origin.simple("v", r"^/v/(?P<path>.+)$", source)])
     cache = MemoryCacheStore()
     config = load_config(env={})
     async with open_service(

@@ -21,6 +21,7 @@ from resizer import __version__
 from resizer.errors import Forbidden, OriginFailed, OriginTimeout, SourceNotFound, SourceTooLarge
 from resizer.sources.base import Source
 from resizer.sources.http import HttpSource, join_url, make_http_client
+from resizer.sources.security import AddressPolicy, parse_ip
 
 BODY = bytes(range(256)) * 400  # 100 KiB: several chunks on the wire
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
@@ -239,19 +240,82 @@ async def test_origin_errors_are_origin_failed(
             pytest.fail("opened a failed object")
 
 
-async def test_redirects_are_not_followed(
+async def test_redirects_to_other_hosts_are_not_followed(
     origin: Origin, client: httpx.AsyncClient, spill: Path
 ) -> None:
-    """A 302 is OriginFailed, and its Location is never requested."""
-    origin.routes["/media/a.mp4"] = answer(302, {"Location": "/media/b.mp4"})
-    origin.routes["/media/b.mp4"] = serve(BODY)
+    """A redirect to a host outside redirect_hosts is OriginFailed; its target is never asked."""
+    origin.routes["/media/a.mp4"] = answer(302, {"Location": "http://localhost:1/media/b.mp4"})
     http = source(origin, client, spill)
-    with pytest.raises(OriginFailed, match="redirects are not followed"):
+    with pytest.raises(OriginFailed, match="not allowed"):
         await http.stat("a.mp4")
-    with pytest.raises(OriginFailed, match="redirects are not followed"):
+    with pytest.raises(OriginFailed, match="not allowed"):
         async with http.open("a.mp4"):
             pytest.fail("followed a redirect")
     assert {r.target for r in origin.requests} == {"/media/a.mp4"}
+
+
+async def test_redirects_to_allowed_hosts_are_followed_three_times_at_most(
+    origin: Origin, client: httpx.AsyncClient, spill: Path
+) -> None:
+    """Up to three redirects within redirect_hosts are followed; a fourth is OriginFailed."""
+    for hop in range(4):
+        origin.routes[f"/media/r{hop}.mp4"] = answer(302, {"Location": f"/media/r{hop + 1}.mp4"})
+    origin.routes["/media/r4.mp4"] = serve(BODY)
+    http = HttpSource(
+        client, spill_dir=spill, base_url=origin.base_url, redirect_hosts=frozenset({"127.0.0.1"})
+    )
+    async with http.open("r1.mp4") as local:  # r1 -> r2 -> r3 -> r4: three redirects
+        assert local.path.read_bytes() == BODY
+    with pytest.raises(OriginFailed, match="more than 3"):
+        await http.stat("r0.mp4")
+
+
+async def test_private_addresses_need_to_be_named(
+    origin: Origin, client: httpx.AsyncClient, spill: Path
+) -> None:
+    """Loopback is refused unless the policy names that IP; 'localhost' does not name it."""
+    port = int(origin.base_url.rsplit(":", 1)[1].split("/")[0])
+    origin.routes["/media/a.mp4"] = serve(BODY)
+
+    def with_policy(base: str, policy: AddressPolicy) -> HttpSource:
+        return HttpSource(client, spill_dir=spill, base_url=base, address_policy=policy)
+
+    nothing_named = with_policy(origin.base_url, AddressPolicy())
+    with pytest.raises(Forbidden):
+        await nothing_named.stat("a.mp4")
+    by_name = with_policy(f"http://localhost:{port}/media/", AddressPolicy.of(["localhost"]))
+    with pytest.raises(Forbidden):
+        await by_name.stat("a.mp4")
+    named = with_policy(origin.base_url, AddressPolicy.of(["127.0.0.1"]))
+    assert (await named.stat("a.mp4")).size == len(BODY)
+    network = with_policy(origin.base_url, AddressPolicy.of([], ["127.0.0.0/8"]))
+    assert (await network.stat("a.mp4")).size == len(BODY)
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("::1", False),
+        ("fe80::1", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+    ],
+)
+def test_address_policy_refuses_special_ranges(address: str, allowed: bool) -> None:
+    """Only global unicast addresses pass a policy that names nothing."""
+    ip = parse_ip(address)
+    assert ip is not None
+    assert AddressPolicy().allows(ip) is allowed
+    assert AddressPolicy.of([address]).allows(ip)
 
 
 async def test_unreachable_origin_is_origin_failed(client: httpx.AsyncClient, spill: Path) -> None:

@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import Forbidden, OriginFailed, OriginTimeout, SourceNotFound, SourceTooLarge
 from ..units import MINUTES, SECONDS, KiB, MiB
 from .base import LocalSource, SourceStat
+from .security import AddressPolicy
 
 # Cleanup must finish even when the download was cancelled, but never hang a shutdown.
 _CLEANUP_TIMEOUT = 5 * SECONDS
@@ -31,6 +32,8 @@ _CHUNK_SIZE = 256 * KiB
 # Characters RFC 3986 allows unescaped in a path segment ("/" is excluded: it separates).
 _SEGMENT_SAFE = "!$&'()*+,;=:@"
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)/(\d+|\*)\s*$", re.IGNORECASE)
+MAX_REDIRECTS = 3
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Kept on the temp file so ffmpeg's format probing gets the same hint as for local files.
 _SUFFIX_RE = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
 
@@ -103,6 +106,10 @@ def _absolute_url(path: str) -> httpx.URL:
     return url
 
 
+def _default_port(url: httpx.URL) -> int:
+    return 443 if url.scheme == "https" else 80
+
+
 def _content_length(response: httpx.Response) -> int | None:
     value = response.headers.get("Content-Length", "")
     return int(value) if value.isdigit() else None
@@ -145,6 +152,8 @@ class HttpSource:
         total_timeout: float = 5 * MINUTES,
         sign: RequestSigner | None = None,
         kind: str = "http",
+        address_policy: AddressPolicy | None = None,
+        redirect_hosts: frozenset[str] = frozenset(),
     ) -> None:
         self.kind = kind  # reported in X-Source
         self.client = client
@@ -161,6 +170,10 @@ class HttpSource:
         # Adds authentication computed from the final request (e.g. AWS SigV4) just before
         # it is sent; it may set headers, never change the URL.
         self._sign = sign
+        # Every connection (first request and each redirect) is checked against it.
+        self.address_policy = address_policy
+        # Redirects are followed (at most MAX_REDIRECTS) only to these hosts.
+        self.redirect_hosts = redirect_hosts
 
     def url(self, path: str) -> httpx.URL:
         """The URL ``path`` names: under ``base_url``, or ``path`` itself when there is none."""
@@ -243,19 +256,8 @@ class HttpSource:
         httpx errors raised while the caller reads the body come back through the ``yield``
         and are translated here too, so callers only ever see ResizerErrors.
         """
-        request = self.client.build_request(
-            method, url, headers={**self.headers, **(extra or {})}, timeout=self._timeout
-        )
-        if self._sign is not None:
-            self._sign(request)
         try:
-            try:
-                with trio.fail_after(self.first_byte_timeout):
-                    response = await self.client.send(request, stream=True)
-            except trio.TooSlowError as exc:
-                raise OriginTimeout(
-                    f"origin sent no response for {path!r} within {self.first_byte_timeout:g} s"
-                ) from exc
+            response = await self._send_following_redirects(method, url, path, extra)
             try:
                 yield response
             finally:
@@ -268,6 +270,40 @@ class HttpSource:
         except httpx.HTTPError as exc:
             raise OriginFailed(f"origin failed for {path!r}: {type(exc).__name__}") from exc
 
+    async def _send_following_redirects(
+        self, method: str, url: httpx.URL, path: str, extra: Mapping[str, str] | None
+    ) -> httpx.Response:
+        """The response, after at most MAX_REDIRECTS redirects to allowed hosts."""
+        for hops in range(MAX_REDIRECTS + 1):
+            if self.address_policy is not None:
+                await self.address_policy.check(url.host, url.port or _default_port(url))
+            request = self.client.build_request(
+                method, url, headers={**self.headers, **(extra or {})}, timeout=self._timeout
+            )
+            if self._sign is not None:
+                self._sign(request)
+            try:
+                with trio.fail_after(self.first_byte_timeout):
+                    response = await self.client.send(request, stream=True)
+            except trio.TooSlowError as exc:
+                raise OriginTimeout(
+                    f"origin sent no response for {path!r} within {self.first_byte_timeout:g} s"
+                ) from exc
+            location = response.headers.get("Location")
+            if response.status_code not in _REDIRECT_STATUSES or not location:
+                return response
+            with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                await response.aclose()
+            if hops == MAX_REDIRECTS:
+                break
+            target = url.join(location)
+            if target.scheme not in ("http", "https") or target.host not in self.redirect_hosts:
+                raise OriginFailed(f"origin redirected {path!r} to a host that is not allowed")
+            if response.status_code == 303:
+                method = "GET" if method != "HEAD" else method
+            url = target
+        raise OriginFailed(f"origin redirected {path!r} more than {MAX_REDIRECTS} times")
+
     @staticmethod
     def _check_status(response: httpx.Response, path: str) -> None:
         status = response.status_code
@@ -276,5 +312,5 @@ class HttpSource:
         if status in (404, 410):
             raise SourceNotFound(f"no source at {path!r}")
         if 300 <= status < 400:
-            raise OriginFailed(f"origin answered {status} for {path!r}: redirects are not followed")
+            raise OriginFailed(f"origin answered {status} for {path!r} (not a followed redirect)")
         raise OriginFailed(f"origin answered {status} for {path!r}")

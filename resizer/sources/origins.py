@@ -1,21 +1,43 @@
-"""Origins: map a request path to the sources that may hold it.
+"""Origins: map a request path to the sources that may hold it, and fail over between them.
 
-Matching and template expansion are pure; ``resolve`` asks each candidate source, by
-priority, whether the object exists.
+Matching and template expansion are pure. ``resolve`` asks each candidate source, by
+priority, whether the object exists; a not-found, a failure (connection error, 5xx,
+timeout) or an open circuit breaker moves on to the next one. When none has it the error
+says why: 404 if every source said not-found, else it follows the last failure (504 for a
+timeout, 503 with Retry-After for an open breaker, 502 otherwise).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..config import Config, OriginConfig
-from ..errors import NoOriginMatched, SourceNotFound
-from .base import Source, SourceStat
+import httpx
+
+from ..concurrency.breaker import CircuitBreaker
+from ..config import Config, OriginConfig, SourceConfig
+from ..errors import (
+    ConfigError,
+    NoOriginMatched,
+    OriginFailed,
+    OriginTimeout,
+    ResizerError,
+    ServiceUnavailable,
+    SourceNotFound,
+)
+from .base import LocalSource, Source, SourceStat
 from .filesystem import FilesystemSource
+from .http import HttpSource
+from .security import AddressPolicy
 
 _TEMPLATE_RE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+# Errors that say "this source is unhealthy": count against its breaker, try the next one.
+_FAILOVER_ERRORS = (OriginFailed, OriginTimeout)
 
 
 def expand_template(template: str, match: re.Match[str]) -> str:
@@ -37,19 +59,38 @@ def expand_template(template: str, match: re.Match[str]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceSlot:
+    """One configured source of an origin."""
+
+    source: Source
+    template: str  # the object's path, from the matcher's captures
+    priority: int
+    breaker: CircuitBreaker
+
+
+@dataclass(frozen=True, slots=True)
 class Candidate:
     """One source that may hold the requested object, with the path to ask it for."""
 
-    source: Source
+    slot: SourceSlot
     path: str
-    priority: int
 
 
 @dataclass(frozen=True, slots=True)
 class Origin:
     name: str
     matcher: re.Pattern[str]
-    sources: tuple[tuple[Source, str, int], ...]  # (source, path template, priority)
+    slots: tuple[SourceSlot, ...]
+    ttl: Mapping[str, float] = field(default_factory=dict)  # Cache-Control by class
+
+    @classmethod
+    def simple(cls, name: str, pattern: str, *sources: Source) -> Origin:
+        """An origin whose sources take the ``path`` capture, tried in the given order."""
+        slots = tuple(
+            SourceSlot(source, "${path}", index, CircuitBreaker(f"{name}.{index}"))
+            for index, source in enumerate(sources)
+        )
+        return cls(name, re.compile(pattern), slots, {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,47 +101,184 @@ class Resolved:
     source: Source
     path: str
     stat: SourceStat
+    breaker: CircuitBreaker | None = None
+    ttl: Mapping[str, float] | None = None  # the origin's TTL by response class
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[LocalSource]:
+        """Fetch the object (``Source.open``), reporting the outcome to the breaker."""
+        breaker = self.breaker
+        if breaker is None:
+            async with self.source.open(self.path) as local:
+                yield local
+            return
+        try:
+            async with self.source.open(self.path) as local:
+                breaker.record_success()  # fetched; what the caller does next is not ours
+                yield local
+        except _FAILOVER_ERRORS:
+            breaker.record_failure()
+            raise
 
 
 class Origins:
     def __init__(self, origins: Sequence[Origin]) -> None:
         self.origins = tuple(origins)
 
-    @classmethod
-    def from_config(cls, config: Config) -> Origins:
-        return cls([_build_origin(config, origin) for origin in config.origins])
+    @property
+    def breakers(self) -> list[CircuitBreaker]:
+        return [slot.breaker for origin in self.origins for slot in origin.slots]
 
-    def match(self, request_path: str) -> tuple[str, list[Candidate]]:
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        client: httpx.AsyncClient | None = None,
+        spill_dir: Path | None = None,
+        on_breaker_change: Callable[[CircuitBreaker], None] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Origins:
+        """Build every configured source; raises ConfigError for missing credentials."""
+        builder = _SourceBuilder(config, client, spill_dir, env if env is not None else os.environ)
+        origins = []
+        for origin in config.origins:
+            slots = []
+            for index, source in enumerate(origin.sources):
+                name = source.name or f"{origin.name}.{index}"
+                breaker = CircuitBreaker(
+                    name,
+                    failure_threshold=source.failure_threshold,
+                    reset_timeout=source.reset_timeout,
+                    half_open_max=source.half_open_max,
+                    on_change=on_breaker_change,
+                )
+                slots.append(
+                    SourceSlot(builder.build(origin, source), source.path, source.priority, breaker)
+                )
+            origins.append(
+                Origin(origin.name, re.compile(origin.matcher), tuple(slots), origin.ttl)
+            )
+        return cls(origins)
+
+    def match(self, request_path: str) -> tuple[Origin, list[Candidate]]:
         """The first origin whose matcher accepts the path, with its candidates by priority."""
         for origin in self.origins:
             found = origin.matcher.search(request_path)
             if found is None:
                 continue
             candidates = [
-                Candidate(source, expand_template(template, found), priority)
-                for source, template, priority in origin.sources
+                Candidate(slot, expand_template(slot.template, found)) for slot in origin.slots
             ]
-            candidates.sort(key=lambda c: c.priority)
-            return origin.name, candidates
+            candidates.sort(key=lambda c: c.slot.priority)
+            return origin, candidates
         raise NoOriginMatched(f"no origin is configured for {request_path!r}")
 
     async def resolve(self, request_path: str) -> Resolved:
-        """The first candidate, by priority, that has the object; else SourceNotFound."""
-        name, candidates = self.match(request_path)
+        """The first candidate, by priority, that has the object (see the module doc)."""
+        origin, candidates = self.match(request_path)
+        last_failure: ResizerError | None = None
         for candidate in candidates:
+            breaker = candidate.slot.breaker
             if not candidate.path:
+                continue  # the template names nothing for this path: not here
+            if not breaker.admit():
+                last_failure = ServiceUnavailable(
+                    f"origin {origin.name!r} is failing; retry later",
+                    retry_after=breaker.retry_after() or 1.0,
+                )
                 continue
             try:
-                stat = await candidate.source.stat(candidate.path)
+                stat = await candidate.slot.source.stat(candidate.path)
             except SourceNotFound:
+                breaker.record_success()  # a definite answer from a healthy source
                 continue
-            return Resolved(name, candidate.source, candidate.path, stat)
-        raise SourceNotFound(f"{request_path!r} does not exist on origin {name!r}")
+            except _FAILOVER_ERRORS as exc:
+                breaker.record_failure()
+                last_failure = exc
+                continue
+            except BaseException:
+                breaker.record_abandoned()  # cancelled, or an error that is not the source's
+                raise
+            breaker.record_success()
+            return Resolved(
+                origin.name, candidate.slot.source, candidate.path, stat, breaker, origin.ttl
+            )
+        if last_failure is None:
+            raise SourceNotFound(f"{request_path!r} does not exist on origin {origin.name!r}")
+        if isinstance(last_failure, ServiceUnavailable):
+            raise last_failure
+        if isinstance(last_failure, OriginTimeout):
+            raise OriginTimeout(
+                f"origin {origin.name!r} timed out for {request_path!r}"
+            ) from last_failure
+        raise OriginFailed(f"origin {origin.name!r} failed for {request_path!r}") from last_failure
 
 
-def _build_origin(config: Config, origin: OriginConfig) -> Origin:
-    sources: list[tuple[Source, str, int]] = []
-    for source in origin.sources:
-        adapter: Source = FilesystemSource(config.resolve_path(source.root))
-        sources.append((adapter, source.path, source.priority))
-    return Origin(origin.name, re.compile(origin.matcher), tuple(sources))
+class _SourceBuilder:
+    """Turns [[origins.sources]] tables into Source adapters sharing one HTTP client."""
+
+    def __init__(
+        self,
+        config: Config,
+        client: httpx.AsyncClient | None,
+        spill_dir: Path | None,
+        env: Mapping[str, str],
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.spill_dir = spill_dir
+        self.env = env
+        self.policy = AddressPolicy.from_config(config)
+
+    def build(self, origin: OriginConfig, source: SourceConfig) -> Source:
+        if source.type == "filesystem":
+            return FilesystemSource(self.config.resolve_path(source.root))
+        if self.client is None or self.spill_dir is None:
+            raise ConfigError([(f"origins.{origin.name}", "remote sources need an HTTP client")])
+        if source.type == "s3":
+            from .s3 import S3Source, credentials_from
+
+            return S3Source(
+                self.client,
+                spill_dir=self.spill_dir,
+                bucket=source.bucket,
+                region=source.region,
+                endpoint_url=source.endpoint_url,
+                credentials=credentials_from(
+                    source.access_key_id, source.secret_access_key, self.env
+                ),
+                headers=dict(source.headers),
+                max_size=self.config.limits.max_source_size,
+                connect_timeout=source.connect_timeout,
+                first_byte_timeout=source.first_byte_timeout,
+                total_timeout=source.total_timeout,
+            )
+        headers = {**source.headers, **self._auth_headers(origin, source)}
+        host = httpx.URL(source.base_url).host
+        return HttpSource(
+            self.client,
+            spill_dir=self.spill_dir,
+            base_url=source.base_url,
+            headers=headers,
+            max_size=self.config.limits.max_source_size,
+            connect_timeout=source.connect_timeout,
+            first_byte_timeout=source.first_byte_timeout,
+            total_timeout=source.total_timeout,
+            address_policy=self.policy,
+            redirect_hosts=frozenset({host, *self.config.security.allowed_remote_hosts}),
+        )
+
+    def _auth_headers(self, origin: OriginConfig, source: SourceConfig) -> dict[str, str]:
+        auth = source.auth
+        if not auth:
+            return {}
+        value = auth.get("value", "")
+        if auth.get("env"):
+            value = self.env.get(auth["env"], "")
+            if not value:
+                where = f"origins.{origin.name}.sources.auth.env"
+                raise ConfigError([(where, f"${auth['env']} is not set")])
+        if auth["type"] == "bearer":
+            return {"Authorization": f"Bearer {value}"}
+        return {auth["name"]: value}

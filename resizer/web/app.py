@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import structlog
 import trio
@@ -20,7 +20,8 @@ from ..metrics import CONTENT_TYPE_LATEST
 from ..options import OutputFormat, TransformOptions, cache_key
 from ..pipeline import Job, Service
 from ..responsive import ACCEPT_CH, resolve_options
-from ..targets import parse_target, sheet_url
+from ..responsive import Resolved as Choice
+from ..targets import Target, parse_target, sheet_url
 from .asgi import ExchangeGuard, release_on_exchange_end
 from .ranges import (
     ByteRange,
@@ -36,10 +37,15 @@ log = structlog.get_logger(__name__)
 NO_STORE = "no-store"
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str]) -> Response:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str], max_age: float = 0
+) -> Response:
     body = json.dumps({"error": code, "message": message, "status": status})
     response = Response(body, status=status, content_type="application/json")
-    response.headers["Cache-Control"] = NO_STORE
+    # Errors are no-store unless the origin gives their class a TTL (negative caching).
+    response.headers["Cache-Control"] = (
+        f"public, max-age={max(1, int(max_age))}" if max_age > 0 else NO_STORE
+    )
     response.headers.update(headers)
     return response
 
@@ -73,7 +79,7 @@ def create_app(service: Service) -> ExchangeGuard:
         level = log.warning if error.status >= 500 else log.info
         level("request refused", status=error.status, code=error.code, reason=error.message)
         message = error.public_message or error.message
-        return error_response(error.status, error.code, message, error.headers())
+        return error_response(error.status, error.code, message, error.headers(), error.max_age)
 
     @app.errorhandler(HTTPException)
     async def render_http_error(error: HTTPException) -> Response:
@@ -110,16 +116,36 @@ async def serve_media(service: Service) -> Response:
     target = parse_target(request.path, {k: v for k, v in request.args.items()})
     headers = {name: value for name, value in request.headers.items()}
     choice = resolve_options(target.params, headers, service.policy)
-    options = choice.options
-    key = cache_key(target.source, options)
-    head = request.method == "HEAD"
+    key = cache_key(target.source, choice.options)
+    remembered = service.failures.recall(key)
+    if remembered is not None:
+        raise remembered
+    ttl = service.ttl_for(target)
+    try:
+        return await answer_media(service, target, choice, key, ttl, started)
+    except ResizerError as exc:
+        service.failures.remember(key, exc, ttl)
+        raise
 
-    entry = await service.lookup(key)
+
+async def answer_media(
+    service: Service,
+    target: Target,
+    choice: Choice,
+    key: str,
+    ttl: Mapping[str, float],
+    started: float,
+) -> Response:
+    options = choice.options
+    head = request.method == "HEAD"
+    found = await service.lookup_or_resolve(key, target)
+    entry = found.entry
     if entry is not None:
         response = respond_from_cache(service, entry, head=head)
         status = "HIT"
     else:
-        resolved = await service.resolve(target)
+        resolved = found.resolved
+        assert resolved is not None
         if head:
             # Answering HEAD must not cost a transcode: say what a GET would send, which
             # has no Content-Length yet (an empty iterable keeps Quart from adding one).
@@ -140,7 +166,7 @@ async def serve_media(service: Service) -> Response:
             response.headers["X-Cache-Status"] = status
         response.headers["X-Origin"] = resolved.origin
         response.headers["X-Source"] = resolved.source.kind
-        apply_representation_headers(response, service, options)
+        apply_representation_headers(response, options, ttl.get("ok", service.config.cache.ttl))
     apply_negotiation_headers(response, service, options, choice.vary)
     service.metrics.request_seconds.labels(status).observe(trio.current_time() - started)
     return response
@@ -160,11 +186,11 @@ def apply_negotiation_headers(
 
 
 def apply_representation_headers(
-    response: Response, service: Service, options: TransformOptions
+    response: Response, options: TransformOptions, max_age: float
 ) -> None:
     response.headers["Content-Type"] = options.content_type
     response.headers["Accept-Ranges"] = "bytes"
-    response.headers["Cache-Control"] = f"public, max-age={int(service.config.cache.ttl)}"
+    response.headers["Cache-Control"] = f"public, max-age={int(max_age)}"
 
 
 def respond_from_cache(service: Service, entry: EntryMeta, *, head: bool) -> Response:
