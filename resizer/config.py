@@ -57,6 +57,9 @@ class CacheConfig:
     ttl: Duration = Duration(1 * DAYS)
     read_chunk: ByteSize = ByteSize(64 * KiB)
     fsync: bool = False
+    # Downloaded remote sources kept for further variants (least recently used evicted
+    # first; files being read are never evicted); 0: download for every transformation.
+    source_files_size: ByteSize = ByteSize(1 * GiB)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from .cache.disk import DiskCacheStore, DiskSpoolReader, DiskWriter
 from .cache.failures import FailureCache
 from .cache.leases import Follow, FollowLost, Lead, LeaseBoard
 from .cache.memory import MemoryCacheStore
+from .cache.sources import SourceFileCache
 from .concurrency.coalescing import Subscription, Work, WorkRegistry
 from .concurrency.groups import unwrap_single_exception
 from .config import Config
@@ -100,6 +101,13 @@ class Service:
         )
         self.policy = policy_from_config(config)
         self.failures = FailureCache(time.monotonic)
+        self.source_files: SourceFileCache | None = None
+        if config.cache.source_files_size > 0:
+            self.source_files = SourceFileCache(
+                config.resolve_path(config.cache.path) / "source-files",
+                config.cache.source_files_size,
+            )
+            self.source_files.prepare()
         self.source_limits = SourceLimits(
             max_size=config.limits.max_source_size,
             max_duration_ms=round(config.limits.max_source_duration * 1000),
@@ -294,7 +302,7 @@ class Service:
                 ttl=(job.source.ttl or {}).get("ok", self.config.cache.ttl),
                 options=job.options.canonical(),
             ) as writer,
-            job.source.open() as local,
+            job.source.open(self.source_files) as local,
         ):
             work.spool_into(writer)
             if lead is not None:

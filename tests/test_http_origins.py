@@ -143,3 +143,20 @@ async def test_configured_loopback_origins_work_but_other_private_hosts_do_not(
         refused = await client.get("/cdn/clip.mp4", params={"width": "100"})
     assert refused.status_code == 403
     assert origin.requests == []
+
+
+async def test_variants_of_one_remote_source_download_it_once(
+    clip_bytes: bytes, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A size, a frame and a spritesheet of one remote video: one GET of the source."""
+    origin = await origin_with(nursery, Behaviour(body=clip_bytes))
+    _, client = await start(nursery, tmp_path, tmp_path, cdn_origin(origin.url))
+    async with client:
+        for params in (
+            {"width": "100"},
+            {"mode": "frame"},
+            {"mode": "spritesheet", "width": "80", "height": "60"},
+        ):
+            response = await client.get("/cdn/clip.mp4", params=params)
+            assert response.status_code == 200, response.text
+    assert [r for r in origin.requests if r[0] == "GET"] == [("GET", "/media/clip.mp4")]

@@ -150,13 +150,6 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@pytest.fixture
-def spill(tmp_path: Path) -> Path:
-    folder = tmp_path / "spill"
-    folder.mkdir()
-    return folder
-
-
 def source(origin: Origin, client: httpx.AsyncClient, spill: Path, **options: float) -> HttpSource:
     return HttpSource(
         client,

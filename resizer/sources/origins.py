@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from ..cache.sources import SourceFileCache
 from ..concurrency.breaker import CircuitBreaker
 from ..config import Config, OriginConfig, SourceConfig
 from ..errors import (
@@ -35,6 +36,9 @@ from .http import HttpSource
 from .security import AddressPolicy
 
 _TEMPLATE_RE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+# Sources whose open() downloads (a local copy is worth keeping for other variants).
+REMOTE_KINDS = frozenset({"http", "s3"})
 
 # Errors that say "this source is unhealthy": count against its breaker, try the next one.
 _FAILOVER_ERRORS = (OriginFailed, OriginTimeout)
@@ -105,15 +109,23 @@ class Resolved:
     ttl: Mapping[str, float] | None = None  # the origin's TTL by response class
 
     @asynccontextmanager
-    async def open(self) -> AsyncIterator[LocalSource]:
-        """Fetch the object (``Source.open``), reporting the outcome to the breaker."""
+    async def open(self, files: SourceFileCache | None = None) -> AsyncIterator[LocalSource]:
+        """Fetch the object, reporting the outcome to the breaker.
+
+        Remote objects go through ``files`` when given: downloaded once, shared by variants.
+        """
+        opened: AbstractAsyncContextManager[LocalSource]
+        if files is not None and self.source.kind in REMOTE_KINDS:
+            opened = files.open(self.source, self.path, self.stat)
+        else:
+            opened = self.source.open(self.path)
         breaker = self.breaker
         if breaker is None:
-            async with self.source.open(self.path) as local:
+            async with opened as local:
                 yield local
             return
         try:
-            async with self.source.open(self.path) as local:
+            async with opened as local:
                 breaker.record_success()  # fetched; what the caller does next is not ours
                 yield local
         except _FAILOVER_ERRORS:
@@ -239,16 +251,22 @@ class _SourceBuilder:
         if source.type == "s3":
             from .s3 import S3Source, credentials_from
 
+            where = f"origins.{origin.name}.sources"
+            try:
+                credentials = credentials_from(
+                    source.access_key_id, source.secret_access_key, self.env
+                )
+            except ValueError as exc:
+                raise ConfigError([(where, str(exc))]) from exc
             return S3Source(
                 self.client,
                 spill_dir=self.spill_dir,
                 bucket=source.bucket,
                 region=source.region,
                 endpoint_url=source.endpoint_url,
-                credentials=credentials_from(
-                    source.access_key_id, source.secret_access_key, self.env
-                ),
+                credentials=credentials,
                 headers=dict(source.headers),
+                address_policy=self.policy,
                 max_size=self.config.limits.max_source_size,
                 connect_timeout=source.connect_timeout,
                 first_byte_timeout=source.first_byte_timeout,
