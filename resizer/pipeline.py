@@ -301,6 +301,7 @@ class Service:
                 content_type=job.options.content_type,
                 ttl=(job.source.ttl or {}).get("ok", self.config.cache.ttl),
                 options=job.options.canonical(),
+                source=f"{job.source.origin}:{job.source.source.kind}",
             ) as writer,
             job.source.open(self.source_files) as local,
         ):

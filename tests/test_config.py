@@ -122,3 +122,40 @@ def test_shipped_example_configuration_is_valid() -> None:
     """deploy/resizer.example.toml passes check-config, so the documented example works."""
     example = Path(__file__).parent.parent / "deploy" / "resizer.example.toml"
     assert main(["check-config", str(example)]) == 0
+
+
+def test_readme_configuration_reference_is_valid() -> None:
+    """The README's reference block (every key, http and s3 sources) loads without errors."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.index("## Configuration reference")
+    start = readme.index("```toml", section) + len("```toml")
+    block = readme[start : readme.index("```", start)]
+    config = load_config(text=block, env={"MEDIA_TOKEN": "token"})
+    assert [source.type for source in config.origins[0].sources] == ["filesystem", "http", "s3"]
+    assert config.origins[0].ttl["client_error"] == 60
+
+
+def test_source_tables_are_checked_by_type() -> None:
+    """Missing per-type keys, bad auth and bad TTL classes are reported with their keys."""
+    text = """
+    [[origins]]
+    name = "o"
+    matcher = "^/(?P<path>.+)$"
+    ttl = { ok = "1h", sometimes = 5 }
+    [[origins.sources]]
+    type = "http"
+    auth = { type = "bearer" }
+    [[origins.sources]]
+    type = "s3"
+    failure_threshold = 0
+    """
+    with pytest.raises(ConfigError) as caught:
+        load_config(text=text, env={})
+    keys = {key for key, _ in caught.value.problems}
+    assert {
+        "origins[0].ttl.sometimes",
+        "origins[0].sources[0].base_url",
+        "origins[0].sources[0].auth.env",
+        "origins[0].sources[1].bucket",
+        "origins[0].sources[1].failure_threshold",
+    } <= keys

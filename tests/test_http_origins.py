@@ -65,6 +65,7 @@ async def test_a_failing_source_falls_over_to_the_next(
         assert response.headers["Cache-Control"] == "public, max-age=3600"
         hit = await client.get("/cdn/clip.mp4", params={"mode": "frame", "time": "3.9s"})
         assert hit.headers["X-Cache-Status"] == "HIT"
+        assert (hit.headers["X-Origin"], hit.headers["X-Source"]) == ("cdn", "http")
         assert 3590 <= int(hit.headers["Cache-Control"].split("=")[1]) <= 3600
     assert ("HEAD", "/media/clip.mp4") in broken.requests
     assert ("GET", "/media/clip.mp4") in healthy.requests

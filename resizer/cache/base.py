@@ -49,6 +49,7 @@ class EntryMeta:
     created: float  # unix time of publication
     ttl: float  # seconds the entry stays fresh
     options: str  # canonical options, for humans and tooling
+    source: str = ""  # "<origin>:<source kind>" it was made from (X-Origin, X-Source)
 
     @property
     def expires(self) -> float:
@@ -70,6 +71,7 @@ class EntryMeta:
             created=float(data["created"]),
             ttl=float(data["ttl"]),
             options=str(data["options"]),
+            source=str(data.get("source", "")),
         )
 
 
@@ -123,7 +125,7 @@ class CacheStore(Protocol):
         ...
 
     def open_writer(
-        self, key: str, *, content_type: str, ttl: float, options: str
+        self, key: str, *, content_type: str, ttl: float, options: str, source: str = ""
     ) -> AbstractAsyncContextManager[CacheWriter]:
         """A writer for a new entry. Leaving the block without ``commit`` (error or
         cancellation) removes every partial file; an existing entry stays untouched."""

@@ -205,7 +205,7 @@ class DiskCacheStore:
 
     @asynccontextmanager
     async def open_writer(
-        self, key: str, *, content_type: str, ttl: float, options: str
+        self, key: str, *, content_type: str, ttl: float, options: str, source: str = ""
     ) -> AsyncIterator[DiskWriter]:
         digest = key_digest(key)
         # The random token keeps concurrent writers of one key apart.
@@ -226,6 +226,7 @@ class DiskCacheStore:
             ttl=ttl,
             options=options,
         )
+        writer.source = source
         try:
             yield writer
         finally:
@@ -425,6 +426,7 @@ class DiskWriter:
         self._content_type = content_type
         self._ttl = ttl
         self._options = options
+        self.source = ""
         self._hasher = new_etag_hasher()
         self._size = 0
         self._finished: str | None = None  # why it no longer accepts calls
@@ -471,6 +473,7 @@ class DiskWriter:
             created=self._store._clock(),
             ttl=self._ttl,
             options=self._options,
+            source=self.source,
         )
         await trio.to_thread.run_sync(self._store._publish_sync, self._digest, self._tmp_path, meta)
         self._finished = "committed"

@@ -54,10 +54,11 @@ class MemoryCacheStore:
 
     @asynccontextmanager
     async def open_writer(
-        self, key: str, *, content_type: str, ttl: float, options: str
+        self, key: str, *, content_type: str, ttl: float, options: str, source: str = ""
     ) -> AsyncIterator[_MemoryWriter]:
         await trio.lowlevel.checkpoint()
         writer = _MemoryWriter(self, key, content_type=content_type, ttl=ttl, options=options)
+        writer.source = source
         try:
             yield writer
         finally:
@@ -95,6 +96,7 @@ class _MemoryWriter:
         self._content_type = content_type
         self._ttl = ttl
         self._options = options
+        self.source = ""
         self._buffer = bytearray()
         self._hasher = new_etag_hasher()
         self._finished: str | None = None  # why it no longer accepts calls
@@ -124,6 +126,7 @@ class _MemoryWriter:
             created=self._store._clock(),
             ttl=self._ttl,
             options=self._options,
+            source=self.source,
         )
         self._store._entries[self._key] = _Entry(meta, bytes(self._buffer))
         self._finished = "committed"

@@ -202,6 +202,8 @@ def respond_from_cache(service: Service, entry: EntryMeta, *, head: bool) -> Res
         "Accept-Ranges": "bytes",
         "X-Cache-Status": "HIT",
     }
+    if entry.source:
+        headers["X-Origin"], _, headers["X-Source"] = entry.source.rpartition(":")
     if not_modified(
         if_none_match=request.headers.get("If-None-Match"),
         if_modified_since=request.headers.get("If-Modified-Since"),
