@@ -132,7 +132,7 @@ def test_readme_configuration_reference_is_valid() -> None:
     block = readme[start : readme.index("```", start)]
     config = load_config(text=block, env={"MEDIA_TOKEN": "token"})
     assert [source.type for source in config.origins[0].sources] == ["filesystem", "http", "s3"]
-    assert config.origins[0].ttl["client_error"] == 60
+    assert config.origins[0].ttl["client_error"] == 60.0
 
 
 def test_source_tables_are_checked_by_type() -> None:
