@@ -70,6 +70,10 @@ class TransformConfig:
     # Abandoned output is never used: ffmpeg gets SIGTERM, then SIGKILL if it is still
     # flushing its encoders (x264 lookahead at slow presets takes most of a second).
     kill_grace: Duration = Duration(200 * MILLISECONDS)
+    # A frame (or VTT track) of a remote source at least this large, from an origin that
+    # serves byte ranges, is read by seeking (only the bytes ffmpeg needs) instead of a
+    # whole download; 0: always download.
+    seek_remote_over: ByteSize = ByteSize(32 * MiB)
 
 
 @dataclass(frozen=True)

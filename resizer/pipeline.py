@@ -34,14 +34,15 @@ from .errors import (
     TransformFailed,
 )
 from .metrics import Metrics
-from .options import OutputFormat, TransformOptions
+from .options import Mode, OutputFormat, TransformOptions
 from .responsive import policy_from_config
 from .sources.http import HttpSource, make_http_client
 from .sources.origins import Origins, Resolved
+from .sources.range_proxy import RangeProxy, RangeSource
 from .sources.security import AddressPolicy
 from .targets import Target, check_remote_allowed
 from .transform.argv import EncoderSettings
-from .transform.base import Transformer
+from .transform.base import LoopbackUrl, MediaInput, Transformer
 from .transform.checks import SourceLimits, check_options, check_source
 from .transform.runner import FfmpegTransformer, resolve_ffmpeg
 from .transform.vtt import build_thumbnail_vtt
@@ -101,6 +102,7 @@ class Service:
         )
         self.policy = policy_from_config(config)
         self.failures = FailureCache(time.monotonic)
+        self.range_proxy = RangeProxy()  # served by open_service
         self.source_files: SourceFileCache | None = None
         if config.cache.source_files_size > 0:
             self.source_files = SourceFileCache(
@@ -293,6 +295,33 @@ class Service:
         finally:
             self.origin_limiter.release()
 
+    @asynccontextmanager
+    async def _open_input(self, job: Job) -> AsyncIterator[tuple[MediaInput, int]]:
+        """What ffmpeg reads, and its size: a local file, or a seekable loopback URL.
+
+        A frame or a VTT track needs only part of a large remote file (the index and one
+        keyframe's neighbourhood); when its origin serves ranges, ffmpeg seeks through the
+        range proxy instead of waiting for the whole download.
+        """
+        resolved = job.source
+        stat = resolved.stat
+        seek_over = self.config.transform.seek_remote_over
+        if (
+            seek_over
+            and stat.ranges
+            and stat.size >= seek_over
+            and (job.options.mode is Mode.FRAME or job.options.format is OutputFormat.VTT)
+            and isinstance(resolved.source, RangeSource)
+            and not (
+                self.source_files and self.source_files.holds(resolved.source, resolved.path, stat)
+            )
+        ):
+            with self.range_proxy.expose(resolved.source, resolved.path, stat.size) as url:
+                yield LoopbackUrl(url), stat.size
+            return
+        async with resolved.open(self.source_files) as local:
+            yield local.path, local.size
+
     async def _fetch_transform_spool(self, work: Work, job: Job, lead: Lead | None = None) -> None:
         chunk = self.config.cache.read_chunk
         async with (
@@ -303,15 +332,15 @@ class Service:
                 options=job.options.canonical(),
                 source=f"{job.source.origin}:{job.source.source.kind}",
             ) as writer,
-            job.source.open(self.source_files) as local,
+            self._open_input(job) as (media, size),
         ):
             work.spool_into(writer)
             if lead is not None:
                 assert isinstance(writer, DiskWriter)  # leases exist for disk caches only
                 lead.announce(writer.partial_path)
             self.metrics.origin_fetches.inc()
-            info = await self.transformer.probe(local.path)
-            check_source(info, local.size, self.source_limits)
+            info = await self.transformer.probe(media)
+            check_source(info, size, self.source_limits)
             check_options(job.options, info)
             if job.options.format is OutputFormat.VTT:
                 # A thumbnail track is text computed from the probe: no ffmpeg run.
@@ -326,7 +355,7 @@ class Service:
                 self.metrics.transforms.inc()
                 self.metrics.transforms_running.inc()
                 try:
-                    async with self.transformer.open_output(local.path, info, job.options) as out:
+                    async with self.transformer.open_output(media, info, job.options) as out:
                         while data := await out.receive_some(chunk):
                             await writer.write(data)
                             work.advance(writer.bytes_written)
@@ -373,7 +402,8 @@ async def open_service(
     metrics = Metrics()
     async with (
         make_http_client(connect_timeout=5 * SECONDS) as client,
-        trio.open_nursery() as nursery,
+        trio.open_nursery() as services,  # long-lived helpers (the range proxy)
+        trio.open_nursery() as nursery,  # in-flight works only
     ):
         if origins is None:
             origins = Origins.from_config(
@@ -401,6 +431,8 @@ async def open_service(
                 redirect_hosts=frozenset(security.allowed_remote_hosts),
             ),
         )
+        await services.start(service.range_proxy.serve)
         yield service
         # Leaving the block ends every in-flight work (shutdown): their cleanup is shielded.
         nursery.cancel_scope.cancel()
+        services.cancel_scope.cancel()

@@ -24,6 +24,16 @@ class Behaviour:
     send_length: bool = True  # False: chunked, no Content-Length
     stall_before_headers: bool = False
     stall_after_bytes: int | None = None  # send this many body bytes, then hang
+    ranges: bool = False  # honour "Range: bytes=a-b" / "bytes=a-" with 206
+
+
+def _requested_range(scope: dict[str, Any], size: int) -> tuple[int, int] | None:
+    for name, value in scope["headers"]:
+        if name.lower() == b"range" and value.startswith(b"bytes="):
+            first, _, last = value[6:].decode().partition("-")
+            if first.isdigit():
+                return int(first), min(size, int(last) + 1) if last.isdigit() else size
+    return None
 
 
 @dataclass
@@ -31,6 +41,8 @@ class Origin:
     url: str
     paths: dict[str, Behaviour]
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    ranges_asked: list[str] = field(default_factory=list)  # Range headers, in order
+    body_bytes_sent: int = 0
 
 
 async def _app(origin: Origin, scope: dict[str, Any], receive: Any, send: Send) -> None:
@@ -44,13 +56,22 @@ async def _app(origin: Origin, scope: dict[str, Any], receive: Any, send: Send) 
     if behaviour.stall_before_headers:
         await trio.sleep_forever()
     headers = [(k.encode(), v.encode()) for k, v in behaviour.headers.items()]
+    body, status = behaviour.body, behaviour.status
+    if behaviour.ranges:
+        headers.append((b"accept-ranges", b"bytes"))
+        span = _requested_range(scope, len(body))
+        if span is not None and scope["method"] == "GET":
+            origin.ranges_asked.append(f"{span[0]}-{span[1] - 1}")
+            headers.append(
+                (b"content-range", f"bytes {span[0]}-{span[1] - 1}/{len(body)}".encode())
+            )
+            body, status = body[span[0] : span[1]], 206
     if behaviour.send_length:
-        headers.append((b"content-length", str(len(behaviour.body)).encode()))
-    await send({"type": "http.response.start", "status": behaviour.status, "headers": headers})
+        headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     if scope["method"] == "HEAD":
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
-    body = behaviour.body
     if behaviour.stall_after_bytes is not None:
         await send(
             {
@@ -61,9 +82,9 @@ async def _app(origin: Origin, scope: dict[str, Any], receive: Any, send: Send) 
         )
         await trio.sleep_forever()
     for offset in range(0, len(body), 65536):
-        await send(
-            {"type": "http.response.body", "body": body[offset : offset + 65536], "more_body": True}
-        )
+        chunk = body[offset : offset + 65536]
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        origin.body_bytes_sent += len(chunk)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -161,3 +161,35 @@ async def test_variants_of_one_remote_source_download_it_once(
             response = await client.get("/cdn/clip.mp4", params=params)
             assert response.status_code == 200, response.text
     assert [r for r in origin.requests if r[0] == "GET"] == [("GET", "/media/clip.mp4")]
+
+
+@pytest.fixture(scope="module")
+def long_clip_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A 120 s moov-last MP4 (~11 MB): large enough that seeking beats downloading."""
+    path = tmp_path_factory.mktemp("long-media") / "long.mp4"
+    return make_test_video(path, 320, 240, seconds=120, audio=False).read_bytes()
+
+
+async def test_a_frame_of_a_large_remote_file_reads_only_what_it_needs(
+    long_clip_bytes: bytes, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A frame near the end of a ranged remote MP4: ffmpeg seeks, the origin sends a fraction."""
+    origin = await origin_with(nursery, Behaviour(body=long_clip_bytes, ranges=True))
+    extra = cdn_origin(origin.url) + '\n[transform]\nseek_remote_over = "64KiB"\n'
+    server, client = await start(nursery, tmp_path, tmp_path, extra)
+    async with client:
+        frame = await client.get("/cdn/clip.mp4", params={"mode": "frame", "time": "118s"})
+        frame_bytes = server.service.range_proxy.bytes_sent
+        vtt = await client.get(
+            "/cdn/clip.mp4", params={"format": "vtt", "width": "80", "height": "60"}
+        )
+    assert frame.status_code == 200, frame.text
+    assert frame.content.startswith(b"\xff\xd8\xff")
+    assert vtt.status_code == 200, vtt.text
+    assert ("GET", "/media/clip.mp4") in origin.requests
+    assert origin.ranges_asked, "ffmpeg did not read through ranges"
+    proxy = server.service.range_proxy
+    # Probe + frame read the index, the start and one GOP (10 s here), not 120 s of video.
+    assert frame_bytes < len(long_clip_bytes) // 4, (frame_bytes, origin.ranges_asked)
+    assert proxy.bytes_sent < len(long_clip_bytes) // 3
+    assert proxy.requests >= 4

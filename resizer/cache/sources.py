@@ -55,10 +55,14 @@ class SourceFileCache:
         for leftover in self.folder.iterdir():
             leftover.unlink(missing_ok=True)
 
+    def holds(self, source: Source, path: str, stat: SourceStat) -> bool:
+        """Whether a valid copy is cached already (then reading it beats any network)."""
+        return _key(source, path, stat) in self._entries
+
     @asynccontextmanager
     async def open(self, source: Source, path: str, stat: SourceStat) -> AsyncIterator[LocalSource]:
         """``source.open(path)``, downloading only if no valid copy is cached."""
-        key = f"{source.kind}\0{id(source)}\0{path}\0{stat.size}\0{stat.mtime}"
+        key = _key(source, path, stat)
         entry = self._entries.get(key)
         if entry is None:
             lock = self._locks.setdefault(key, trio.Lock())
@@ -105,3 +109,7 @@ class SourceFileCache:
             del self._entries[key]
             total -= entry.size
             entry.path.unlink(missing_ok=True)  # synchronous: microseconds, never orphaned
+
+
+def _key(source: Source, path: str, stat: SourceStat) -> str:
+    return f"{source.kind}\0{id(source)}\0{path}\0{stat.size}\0{stat.mtime}"

@@ -17,6 +17,7 @@ from typing import Protocol
 class SourceStat:
     size: int
     mtime: float
+    ranges: bool = False  # the origin serves byte ranges (Accept-Ranges: bytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from .security import AddressPolicy
 _CLEANUP_TIMEOUT = 5 * SECONDS
 # Bounds the memory each download holds and the number of thread hops for file writes.
 _CHUNK_SIZE = 256 * KiB
+_RANGE_CHUNK_SIZE = 32 * KiB
 # Characters RFC 3986 allows unescaped in a path segment ("/" is excluded: it separates).
 _SEGMENT_SAFE = "!$&'()*+,;=:@"
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)/(\d+|\*)\s*$", re.IGNORECASE)
@@ -199,7 +200,8 @@ class HttpSource:
         size = _range_total(response) if partial else _content_length(response)
         if size is not None and size > self.max_size:
             raise SourceTooLarge(f"{path!r} is {size} bytes, over the {self.max_size} limit")
-        return SourceStat(size=size or 0, mtime=_last_modified(response))
+        ranges = partial or response.headers.get("Accept-Ranges", "").lower() == "bytes"
+        return SourceStat(size=size or 0, mtime=_last_modified(response), ranges=ranges)
 
     @asynccontextmanager
     async def open(self, path: str) -> AsyncIterator[LocalSource]:
@@ -215,6 +217,25 @@ class HttpSource:
             # Shielded: a cancelled download must still not leave a partial file behind.
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
                 await trio.Path(spill).unlink(missing_ok=True)
+
+    @asynccontextmanager
+    async def open_range(
+        self, path: str, start: int, stop: int
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Bytes ``start`` to ``stop`` (exclusive) of the object, streamed as they arrive.
+
+        For readers that seek (ffmpeg taking a frame near the end of a large file): only the
+        requested span crosses the network. The first-byte timeout applies; the total one is
+        the caller's (a reader may stop early, which closes the connection).
+        """
+        url = self.url(path)
+        headers = {"Range": f"bytes={start}-{stop - 1}"}
+        async with self._exchange("GET", url, path, headers) as response:
+            self._check_status(response, path)
+            if response.status_code != 206:
+                raise OriginFailed(f"origin ignored a range request for {path!r}")
+            # Small reads: a seeking reader drops the rest, so read little ahead of it.
+            yield response.aiter_bytes(_RANGE_CHUNK_SIZE)
 
     async def _download(self, url: httpx.URL, path: str, spill: Path) -> int:
         try:

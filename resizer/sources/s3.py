@@ -12,7 +12,7 @@ surfaces as OriginFailed (502) like every other refusal by the store.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from urllib.parse import quote
@@ -109,6 +109,11 @@ class S3Source:
 
     def open(self, path: str) -> AbstractAsyncContextManager[LocalSource]:
         return self._http.open(path)
+
+    def open_range(
+        self, path: str, start: int, stop: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._http.open_range(path, start, stop)
 
 
 def credentials_from(

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import InvalidOption, UnsupportedMedia
 from ..options import FORMATS_BY_MODE, Fit, Level, Mode, OutputFormat, TransformOptions
-from .base import MediaInfo
+from .base import LoopbackUrl, MediaInfo, MediaInput
 
 # Demuxers a source may be read with: common video containers, plus audio and still-image
 # demuxers so those are recognised (and refused as 415 by the probe) rather than failing
@@ -95,15 +94,20 @@ class EncoderSettings:
     input_formats: tuple[str, ...] = DEFAULT_INPUT_FORMATS
 
 
-def input_args(source: Path, settings: EncoderSettings) -> list[str]:
+def input_args(source: MediaInput, settings: EncoderSettings) -> list[str]:
     """The options that precede and include ``-i``: whitelists, then the source."""
-    args = ["-protocol_whitelist", "file,pipe"]
+    if isinstance(source, LoopbackUrl):
+        # Only resizer's own range proxy on 127.0.0.1; it never redirects.
+        args = ["-protocol_whitelist", "http,tcp", "-seekable", "1", "-multiple_requests", "0"]
+    else:
+        args = ["-protocol_whitelist", "file,pipe"]
     if settings.input_formats:
         args += ["-format_whitelist", ",".join(settings.input_formats)]
-    return [*args, "-i", f"file:{source}"]
+    target = str(source) if isinstance(source, LoopbackUrl) else f"file:{source}"
+    return [*args, "-i", target]
 
 
-def probe_argv(ffmpeg: str, source: Path, settings: EncoderSettings) -> list[str]:
+def probe_argv(ffmpeg: str, source: MediaInput, settings: EncoderSettings) -> list[str]:
     """``ffmpeg -i FILE`` without an output: prints the banner (exit status 1 is expected)."""
     return [ffmpeg, "-hide_banner", "-nostdin", *input_args(source, settings)]
 
@@ -227,7 +231,7 @@ def sprite_times(start_ms: int, span_ms: int, count: int) -> list[int]:
 
 def build_argv(
     ffmpeg: str,
-    source: Path,
+    source: MediaInput,
     info: MediaInfo,
     options: TransformOptions,
     settings: EncoderSettings,

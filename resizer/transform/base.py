@@ -16,6 +16,15 @@ import trio
 from ..options import TransformOptions
 
 
+class LoopbackUrl(str):
+    """An ``http://127.0.0.1`` URL of resizer's range proxy: an input ffmpeg reads over HTTP
+    with byte ranges (see sources/range_proxy.py), instead of a local file."""
+
+
+# What a transformer reads: a local file, or the range proxy's URL for a remote one.
+MediaInput = Path | LoopbackUrl
+
+
 @dataclass(frozen=True, slots=True)
 class MediaInfo:
     """What a probe learned about a source (read from ``ffmpeg -i`` since there is no ffprobe)."""
@@ -38,13 +47,13 @@ class MediaInfo:
 
 
 class Transformer(Protocol):
-    async def probe(self, source: Path) -> MediaInfo:
+    async def probe(self, source: MediaInput) -> MediaInfo:
         """Raise ``UndecodableSource`` (422) when ffmpeg cannot read it as media,
         ``UnsupportedMedia`` (415) when it holds no video stream."""
         ...
 
     def open_output(
-        self, source: Path, info: MediaInfo, options: TransformOptions
+        self, source: MediaInput, info: MediaInfo, options: TransformOptions
     ) -> AbstractAsyncContextManager[trio.abc.ReceiveStream]:
         """Run the transformation; the stream yields output bytes as they are produced.
 

@@ -12,13 +12,12 @@ import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
 from ..errors import ResizerError, TransformFailed
 from ..options import TransformOptions
-from .base import MediaInfo
+from .base import MediaInfo, MediaInput
 
 DEFAULT_INFO = MediaInfo(
     duration_ms=2000, width=320, height=240, has_audio=True, video_codec="h264", fps=25.0
@@ -68,7 +67,7 @@ class FakeTransformer:
     started: list[TransformOptions] = field(default_factory=list, init=False)
     _lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot, init=False)
 
-    async def probe(self, source: Path) -> MediaInfo:
+    async def probe(self, source: MediaInput) -> MediaInfo:
         await trio.lowlevel.checkpoint()
         self.probes += 1
         if self.probe_error is not None:
@@ -90,7 +89,7 @@ class FakeTransformer:
 
     @asynccontextmanager
     async def open_output(
-        self, source: Path, info: MediaInfo, options: TransformOptions
+        self, source: MediaInput, info: MediaInfo, options: TransformOptions
     ) -> AsyncIterator[FakeOutput]:
         await trio.lowlevel.checkpoint()
         if self.open_error is not None:

@@ -26,7 +26,7 @@ from ..errors import ConfigError, ResizerError, TransformFailed, TransformTimeou
 from ..options import TransformOptions
 from ..units import MINUTES, SECONDS, KiB
 from .argv import EncoderSettings, build_argv, probe_argv
-from .base import MediaInfo
+from .base import MediaInfo, MediaInput
 from .probe import parse_probe_output
 
 ENV_FFMPEG = "RESIZER_FFMPEG"
@@ -90,7 +90,7 @@ class FfmpegOutput(trio.abc.ReceiveStream):
         timeout: float,
         stderr_tail: _Tail,
         stderr_done: trio.Event,
-        source: Path,
+        source: MediaInput,
     ) -> None:
         self.pid: int = process.pid
         self.bytes_received = 0
@@ -186,7 +186,7 @@ class FfmpegTransformer:
         self.probe_timeout = probe_timeout
         self.kill_grace = kill_grace
 
-    async def probe(self, source: Path) -> MediaInfo:
+    async def probe(self, source: MediaInput) -> MediaInfo:
         argv = probe_argv(self.ffmpeg, source, self.settings)
         with trio.move_on_after(self.probe_timeout) as scope:
             try:
@@ -206,7 +206,7 @@ class FfmpegTransformer:
 
     @asynccontextmanager
     async def open_output(
-        self, source: Path, info: MediaInfo, options: TransformOptions
+        self, source: MediaInput, info: MediaInfo, options: TransformOptions
     ) -> AsyncIterator[FfmpegOutput]:
         argv = build_argv(self.ffmpeg, source, info, options, self.settings)
         deadline = trio.current_time() + self.timeout
