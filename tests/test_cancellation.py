@@ -46,9 +46,9 @@ async def replay(
     instrument = CancelAtStep()
     FIRED.clear()
     trio.lowlevel.add_instrument(instrument)
-    fds_before = open_fds()
     try:
         async with open_world(tmp_path, script=script, transformer=transformer) as world:
+            fds_before = open_fds()  # the service's own (e.g. the range proxy's listener)
             steps = steps_for or [None]
             async with trio.open_nursery() as nursery:
                 for index, step in enumerate(steps):

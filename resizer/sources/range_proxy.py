@@ -62,9 +62,13 @@ class RangeProxy:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on 127.0.0.1 (a free port) until cancelled."""
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
+        try:
+            self.port = listeners[0].socket.getsockname()[1]
+            task_status.started()
+            await trio.serve_listeners(self._handle, listeners)
+        finally:
+            for listener in listeners:
+                listener.socket.close()  # serve_listeners leaves them open when cancelled
 
     @contextmanager
     def expose(self, source: RangeSource, path: str, size: int) -> Iterator[str]:
