@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -28,8 +28,11 @@ from .config import Config
 from .errors import (
     Forbidden,
     NoOriginMatched,
+    OriginFailed,
+    OriginTimeout,
     ResizerError,
     ServiceUnavailable,
+    SourceNotFound,
     SourceTooLarge,
     TransformFailed,
 )
@@ -319,7 +322,24 @@ class Service:
             with self.range_proxy.expose(resolved.source, resolved.path, stat.size) as url:
                 yield LoopbackUrl(url), stat.size
             return
-        async with resolved.open(self.source_files) as local:
+        # A source that answered the existence check can still fail the download: fall
+        # over to the next one (its breaker has counted the failure).
+        failed: set[int] = set()
+        async with AsyncExitStack() as stack:
+            while True:
+                try:
+                    local = await stack.enter_async_context(resolved.open(self.source_files))
+                    break
+                except (OriginFailed, OriginTimeout) as exc:
+                    if not resolved.request_path:
+                        raise
+                    failed.add(id(resolved.source))
+                    try:
+                        resolved = await self.origins.resolve(
+                            resolved.request_path, exclude=frozenset(failed)
+                        )
+                    except SourceNotFound:
+                        raise exc from None  # nobody else has it: the real problem is this
             yield local.path, local.size
 
     async def _fetch_transform_spool(self, work: Work, job: Job, lead: Lead | None = None) -> None:

@@ -25,6 +25,7 @@ class Behaviour:
     stall_before_headers: bool = False
     stall_after_bytes: int | None = None  # send this many body bytes, then hang
     ranges: bool = False  # honour "Range: bytes=a-b" / "bytes=a-" with 206
+    get_status: int | None = None  # a different status for GET (HEAD keeps ``status``)
 
 
 def _requested_range(scope: dict[str, Any], size: int) -> tuple[int, int] | None:
@@ -57,6 +58,8 @@ async def _app(origin: Origin, scope: dict[str, Any], receive: Any, send: Send) 
         await trio.sleep_forever()
     headers = [(k.encode(), v.encode()) for k, v in behaviour.headers.items()]
     body, status = behaviour.body, behaviour.status
+    if scope["method"] == "GET" and behaviour.get_status is not None:
+        status = behaviour.get_status
     if behaviour.ranges:
         headers.append((b"accept-ranges", b"bytes"))
         span = _requested_range(scope, len(body))

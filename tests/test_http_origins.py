@@ -71,6 +71,20 @@ async def test_a_failing_source_falls_over_to_the_next(
     assert ("GET", "/media/clip.mp4") in healthy.requests
 
 
+async def test_a_download_failing_after_the_check_falls_over_too(
+    clip_bytes: bytes, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The first source answers HEAD but fails the GET: the second source's copy is used."""
+    flaky = await origin_with(nursery, Behaviour(body=clip_bytes, get_status=500))
+    healthy = await origin_with(nursery, Behaviour(body=clip_bytes))
+    _, client = await start(nursery, tmp_path, tmp_path, cdn_origin(flaky.url, healthy.url))
+    async with client:
+        response = await client.get("/cdn/clip.mp4", params={"mode": "frame"})
+    assert response.status_code == 200, response.text
+    assert ("GET", "/media/clip.mp4") in flaky.requests
+    assert ("GET", "/media/clip.mp4") in healthy.requests
+
+
 @pytest.mark.parametrize(
     ("behaviours", "status", "code"),
     [

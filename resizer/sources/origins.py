@@ -107,6 +107,7 @@ class Resolved:
     stat: SourceStat
     breaker: CircuitBreaker | None = None
     ttl: Mapping[str, float] | None = None  # the origin's TTL by response class
+    request_path: str = ""  # what was resolved, to fall over to another source later
 
     @asynccontextmanager
     async def open(self, files: SourceFileCache | None = None) -> AsyncIterator[LocalSource]:
@@ -186,12 +187,19 @@ class Origins:
             return origin, candidates
         raise NoOriginMatched(f"no origin is configured for {request_path!r}")
 
-    async def resolve(self, request_path: str) -> Resolved:
-        """The first candidate, by priority, that has the object (see the module doc)."""
+    async def resolve(
+        self, request_path: str, *, exclude: frozenset[int] = frozenset()
+    ) -> Resolved:
+        """The first candidate, by priority, that has the object (see the module doc).
+
+        ``exclude`` holds ``id()``s of sources to skip: ones whose download just failed.
+        """
         origin, candidates = self.match(request_path)
         last_failure: ResizerError | None = None
         for candidate in candidates:
             breaker = candidate.slot.breaker
+            if id(candidate.slot.source) in exclude:
+                continue
             if not candidate.path:
                 continue  # the template names nothing for this path: not here
             if not breaker.admit():
@@ -214,7 +222,13 @@ class Origins:
                 raise
             breaker.record_success()
             return Resolved(
-                origin.name, candidate.slot.source, candidate.path, stat, breaker, origin.ttl
+                origin.name,
+                candidate.slot.source,
+                candidate.path,
+                stat,
+                breaker,
+                origin.ttl,
+                request_path,
             )
         if last_failure is None:
             raise SourceNotFound(f"{request_path!r} does not exist on origin {origin.name!r}")
