@@ -55,7 +55,12 @@ class CacheConfig:
     backend: Literal["disk", "memory"] = "disk"
     path: str = ".cache/resizer"
     ttl: Duration = Duration(1 * DAYS)
-    read_chunk: ByteSize = ByteSize(64 * KiB)
+    read_chunk: ByteSize = ByteSize(64 * KiB)  # first chunk of a stream; then it adapts
+    # Streams grow their chunks while the client drains them fast and shrink them while it
+    # is slow, within these bounds, drawing from one budget of buffered bytes per process.
+    min_read_chunk: ByteSize = ByteSize(16 * KiB)
+    max_read_chunk: ByteSize = ByteSize(1 * MiB)
+    stream_budget: ByteSize = ByteSize(32 * MiB)
     fsync: bool = False
     # Downloaded remote sources kept for further variants (least recently used evicted
     # first; files being read are never evicted); 0: download for every transformation.

@@ -22,6 +22,7 @@ from .cache.failures import FailureCache
 from .cache.leases import Follow, FollowLost, Lead, LeaseBoard
 from .cache.memory import MemoryCacheStore
 from .cache.sources import SourceFileCache
+from .concurrency.budget import AdaptiveChunks, ByteBudget
 from .concurrency.coalescing import Subscription, Work, WorkRegistry
 from .concurrency.groups import unwrap_single_exception
 from .config import Config
@@ -106,6 +107,7 @@ class Service:
         self.policy = policy_from_config(config)
         self.failures = FailureCache(time.monotonic)
         self.range_proxy = RangeProxy()  # served by open_service
+        self.stream_budget = ByteBudget(config.cache.stream_budget)
         self.source_files: SourceFileCache | None = None
         if config.cache.source_files_size > 0:
             self.source_files = SourceFileCache(
@@ -161,6 +163,16 @@ class Service:
         if outcome.entry is None and outcome.error is not None:
             raise outcome.error
         return outcome
+
+    def adaptive_chunks(self) -> AdaptiveChunks:
+        """A new stream's chunk sizer, drawing on the process-wide stream budget."""
+        cache = self.config.cache
+        return AdaptiveChunks(
+            self.stream_budget,
+            start=cache.read_chunk,
+            minimum=cache.min_read_chunk,
+            maximum=cache.max_read_chunk,
+        )
 
     def ttl_for(self, target: Target) -> Mapping[str, float]:
         """The TTL by response class of the origin ``target`` matches ({} for none)."""

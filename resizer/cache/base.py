@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -30,11 +30,19 @@ def format_etag(hasher: hashlib.blake2b) -> str:
     return f'"{hasher.hexdigest()}"'
 
 
-def check_range(size: int, start: int, stop: int, chunk_size: int) -> None:
+# A fixed chunk size, or a function giving the size of each next read (adaptive streams).
+ChunkSize = int | Callable[[], int]
+
+
+def chunk_size_now(chunk_size: ChunkSize) -> int:
+    return chunk_size() if callable(chunk_size) else chunk_size
+
+
+def check_range(size: int, start: int, stop: int, chunk_size: ChunkSize) -> None:
     """Reject a read outside the entry; clients' ranges are clamped before they get here."""
     if not 0 <= start <= stop <= size:
         raise ValueError(f"range [{start}, {stop}) is not within [0, {size}]")
-    if chunk_size < 1:
+    if not callable(chunk_size) and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
 
 
@@ -118,10 +126,11 @@ class CacheStore(Protocol):
         ...
 
     def open_range(
-        self, entry: EntryMeta, start: int, stop: int, chunk_size: int = DEFAULT_READ_CHUNK
+        self, entry: EntryMeta, start: int, stop: int, chunk_size: ChunkSize = DEFAULT_READ_CHUNK
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """Bytes ``start`` (inclusive) to ``stop`` (exclusive) of ``entry``, in chunks of at
-        most ``chunk_size``. Raises ``KeyError`` when the entry vanished meanwhile."""
+        most ``chunk_size`` (asked again before each read when it is a function). Raises
+        ``KeyError`` when the entry vanished meanwhile."""
         ...
 
     def open_writer(

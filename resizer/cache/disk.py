@@ -44,7 +44,15 @@ import trio
 from ..errors import ResizerError
 from ..options import key_digest
 from ..units import SECONDS
-from .base import DEFAULT_READ_CHUNK, EntryMeta, check_range, format_etag, new_etag_hasher
+from .base import (
+    DEFAULT_READ_CHUNK,
+    ChunkSize,
+    EntryMeta,
+    check_range,
+    chunk_size_now,
+    format_etag,
+    new_etag_hasher,
+)
 from .leases import LeaseBoard
 
 log = structlog.get_logger(__name__)
@@ -189,7 +197,7 @@ class DiskCacheStore:
 
     @asynccontextmanager
     async def open_range(
-        self, entry: EntryMeta, start: int, stop: int, chunk_size: int = DEFAULT_READ_CHUNK
+        self, entry: EntryMeta, start: int, stop: int, chunk_size: ChunkSize = DEFAULT_READ_CHUNK
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         check_range(entry.size, start, stop, chunk_size)
         path = self.data_path(entry)
@@ -382,7 +390,7 @@ class _FileChunks:
     """Reads ``remaining`` bytes from an already positioned file, ``chunk_size`` at a time."""
 
     def __init__(
-        self, file: _AsyncBinaryReader, path: Path, remaining: int, chunk_size: int
+        self, file: _AsyncBinaryReader, path: Path, remaining: int, chunk_size: ChunkSize
     ) -> None:
         self._file = file
         self._path = path
@@ -395,7 +403,7 @@ class _FileChunks:
     async def __anext__(self) -> bytes:
         if self._remaining == 0:
             raise StopAsyncIteration
-        chunk = await self._file.read(min(self._chunk_size, self._remaining))
+        chunk = await self._file.read(min(chunk_size_now(self._chunk_size), self._remaining))
         if not chunk:
             # Published data files are never modified, so this is outside interference.
             raise ResizerError(f"cache data file {self._path.name} is shorter than its entry")

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import trio
 
-from .base import DEFAULT_READ_CHUNK, EntryMeta, check_range, format_etag, new_etag_hasher
+from .base import (
+    DEFAULT_READ_CHUNK,
+    ChunkSize,
+    EntryMeta,
+    check_range,
+    chunk_size_now,
+    format_etag,
+    new_etag_hasher,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +49,7 @@ class MemoryCacheStore:
 
     @asynccontextmanager
     async def open_range(
-        self, entry: EntryMeta, start: int, stop: int, chunk_size: int = DEFAULT_READ_CHUNK
+        self, entry: EntryMeta, start: int, stop: int, chunk_size: ChunkSize = DEFAULT_READ_CHUNK
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         check_range(entry.size, start, stop, chunk_size)
         await trio.lowlevel.checkpoint()
@@ -70,7 +78,7 @@ class MemoryCacheStore:
 
 
 class _MemoryChunks:
-    def __init__(self, data: memoryview, chunk_size: int) -> None:
+    def __init__(self, data: memoryview, chunk_size: ChunkSize) -> None:
         self._data = data
         self._chunk_size = chunk_size
         self._offset = 0
@@ -82,7 +90,7 @@ class _MemoryChunks:
         if self._offset >= len(self._data):
             raise StopAsyncIteration
         await trio.lowlevel.checkpoint()
-        chunk = bytes(self._data[self._offset : self._offset + self._chunk_size])
+        chunk = bytes(self._data[self._offset : self._offset + chunk_size_now(self._chunk_size)])
         self._offset += len(chunk)
         return chunk
 

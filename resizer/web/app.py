@@ -234,10 +234,18 @@ async def no_body() -> AsyncIterator[bytes]:
 async def stream_entry(
     service: Service, entry: EntryMeta, chosen: ByteRange
 ) -> AsyncIterator[bytes]:
-    chunk = service.config.cache.read_chunk
-    async with service.cache.open_range(entry, chosen.start, chosen.stop, chunk) as chunks:
-        async for data in chunks:
-            yield data
+    """A cached entry's bytes, in chunks sized to how fast this client drains them."""
+    chunks = service.adaptive_chunks()
+    try:
+        async with service.cache.open_range(
+            entry, chosen.start, chosen.stop, chunks.next_size
+        ) as reader:
+            async for data in reader:
+                handed_over = trio.current_time()
+                yield data  # resumes once the server has written it to the socket
+                chunks.sent(trio.current_time() - handed_over)
+    finally:
+        chunks.release()
 
 
 async def respond_range_in_flight(
