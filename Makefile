@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit clean
+.PHONY: install run test lint typecheck unit clean loadtest
+
+SCENARIO ?= baseline
 
 install: $(STAMP)
 
@@ -19,14 +21,20 @@ run: install
 	$(BIN)/resizer serve
 
 lint: install
-	$(BIN)/ruff check resizer tests
-	$(BIN)/ruff format --check resizer tests
+	$(BIN)/ruff check resizer tests loadtest
+	$(BIN)/ruff format --check resizer tests loadtest
 	$(BIN)/mypy
 
 unit: install
 	$(BIN)/pytest -q
 
 test: lint unit
+
+# Starts a server with the scenario's configuration, loads it, writes
+# loadtest/results/$(SCENARIO)/report.md (+ result.json, plots). DURATION/CONCURRENCY override.
+loadtest: install
+	$(BIN)/python -m loadtest.driver $(SCENARIO) \
+		$(if $(DURATION),--duration $(DURATION)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY))
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache

@@ -42,6 +42,11 @@ class ServerConfig:
     port: int = 8080
     # Seconds a graceful shutdown waits for open responses before cutting them.
     graceful_timeout: Duration = Duration(5 * SECONDS)
+    # Pending connections the kernel queues for accept(): bursts of hundreds of clients
+    # would otherwise wait for SYN retransmits (1 s, 3 s, ...) before being served.
+    backlog: int = 2048
+    # An idle keep-alive connection (or one whose request has not arrived) is closed after.
+    keep_alive_timeout: Duration = Duration(5 * SECONDS)
 
 
 @dataclass(frozen=True)

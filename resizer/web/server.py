@@ -16,6 +16,8 @@ def hypercorn_config(config: Config, *, port: int | None = None) -> HypercornCon
     hc = HypercornConfig()
     hc.bind = [f"{config.server.host}:{config.server.port if port is None else port}"]
     hc.graceful_timeout = config.server.graceful_timeout
+    hc.backlog = config.server.backlog
+    hc.keep_alive_timeout = config.server.keep_alive_timeout
     hc.accesslog = None
     hc.errorlog = "-"
     return hc

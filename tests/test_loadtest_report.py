@@ -1,0 +1,324 @@
+"""The load-test report: summary numbers, success checks and the files it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.report import (
+    is_error,
+    max_concurrent,
+    percentile,
+    success_checks,
+    summarize,
+    write_report,
+)
+
+MB = 1_000_000
+
+
+def request(
+    t: float = 20.0,
+    status: int = 200,
+    cache: str = "HIT",
+    ttfb: float | None = 0.01,
+    total: float | None = 0.05,
+    size: int = 1_000_000,
+    error: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "t": t,
+        "status": status,
+        "cache": cache,
+        "ttfb": ttfb,
+        "total": total,
+        "bytes": size,
+        "range": status == 206,
+        "error": error,
+    }
+
+
+def sample(t: float, rss_mb: float, fds: int = 100, connections: int = 50) -> dict[str, Any]:
+    return {
+        "t": t,
+        "rss_bytes": int(rss_mb * MB),
+        "open_fds": fds,
+        "connections": connections,
+        "ffmpeg": 0,
+        "tasks": None,
+    }
+
+
+def synthetic_result(*, nginx: bool = False) -> dict[str, Any]:
+    """Ten seconds of load: 1 warm-up miss, 8 fast hits, 1 coalesced; flat resources."""
+    requests = [request(t=1.0, cache="MISS", ttfb=0.8, total=1.5)]
+    requests += [request(t=10.0 + i) for i in range(8)]
+    requests += [request(t=12.0, cache="COALESCED", ttfb=0.9, total=1.2)]
+    result: dict[str, Any] = {
+        "scenario": "synthetic",
+        "description": "A small made-up run.",
+        "command": "make loadtest SCENARIO=synthetic",
+        "started": "2026-11-27T05:00:00Z",
+        "duration_s": 10.0,
+        "warmup_s": 5.0,
+        "machine": {"cpus": 2, "memory_gib": 24, "python": "3.11.7", "note": "shared cores"},
+        "params": {"concurrency": 8},
+        "workers": 1,
+        "requests": requests,
+        "samples": [sample(t, rss_mb=60.0 + t / 10) for t in range(0, 11)],
+        "metrics": {"origin_fetches": 1.0, "transforms": 1.0, "coalesced": 1.0},
+        "nginx": None,
+    }
+    if nginx:
+        result["nginx"] = {
+            "requests": [request(t=float(i), ttfb=0.005, total=0.02) for i in range(10)],
+            "duration_s": 5.0,
+            "samples": [sample(t, rss_mb=10.0) for t in range(0, 6)],
+        }
+    return result
+
+
+def check(checks: list[tuple[str, bool, str]], name: str) -> bool:
+    return {line: passed for line, passed, _ in checks}[name]
+
+
+def test_percentile_interpolates_linearly() -> None:
+    """Percentiles interpolate between closest ranks (numpy's default) and ignore order."""
+    values = [10.0, 1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0, 5.0]
+    assert percentile(values, 50) == pytest.approx(5.5)
+    assert percentile(values, 95) == pytest.approx(9.55)
+    assert percentile(values, 99) == pytest.approx(9.91)
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 10.0
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([], 50) is None
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (request(status=200, cache="ABORTED"), False),
+        (request(status=416, cache="ERROR"), False),
+        (request(status=206, cache="HIT"), False),
+        (request(status=503, cache="ERROR"), True),
+        (request(status=500, cache="MISS"), True),
+        (request(status=404, cache="ERROR"), True),
+        (request(status=0, cache="ERROR", ttfb=None, error="ConnectError: refused"), True),
+        (request(status=200, cache="HIT", error="RemoteProtocolError: cut"), True),
+    ],
+)
+def test_error_classification(record: dict[str, Any], expected: bool) -> None:
+    """ABORTED and 416 are not errors; 5xx, other 4xx, transport and broken bodies are."""
+    assert is_error(record) is expected
+
+
+def test_summary_counts_errors_and_aborts_separately() -> None:
+    """The error rate counts a 503 but neither the driver's aborts nor a 416."""
+    result = synthetic_result()
+    result["requests"] = [
+        request(),
+        request(cache="ABORTED"),
+        request(status=416, cache="ERROR", size=0),
+        request(status=503, cache="ERROR", size=0),
+    ]
+    summary = summarize(result)
+    assert summary["requests"] == 4
+    assert summary["errors"] == 1
+    assert summary["error_rate"] == pytest.approx(0.25)
+    assert summary["aborted"] == 1
+    assert summary["not_satisfiable"] == 1
+    assert summary["rps"] == pytest.approx(0.4)
+    assert summary["mb_per_s"] == pytest.approx(0.2)
+
+
+def test_hit_rate_after_warmup_ignores_warmup_requests() -> None:
+    """Misses that start before warmup_s lower the overall hit rate, not the post-warm-up one."""
+    result = synthetic_result()
+    result["requests"] = [request(t=float(t), cache="MISS") for t in range(5)]
+    result["requests"] += [request(t=5.0 + t) for t in range(3)]
+    result["requests"] += [request(t=9.0, cache="COALESCED")]
+    summary = summarize(result)
+    assert summary["hit_rate_after_warmup"] == pytest.approx(3 / 4)  # COALESCED is no hit
+    assert summary["hit_rate"] == pytest.approx(3 / 9)
+
+
+def test_latency_groups_by_cache_status_over_successes_only() -> None:
+    """Per-status latency uses only 200/206 requests; misses pool MISS and COALESCED."""
+    summary = summarize(synthetic_result())
+    assert set(summary["latency"]) == {"HIT", "MISS", "COALESCED"}
+    assert summary["latency"]["HIT"]["count"] == 8
+    assert summary["latency"]["HIT"]["ttfb"]["p95"] == pytest.approx(0.01)
+    assert summary["misses"]["count"] == 2
+    assert summary["misses"]["ttfb"]["p50"] == pytest.approx(0.85)
+
+
+def test_max_concurrent_from_intervals() -> None:
+    """Overlapping intervals add up; one ending exactly when another starts does not."""
+    requests = [
+        request(t=0.0, total=1.0),
+        request(t=0.5, total=1.0),
+        request(t=0.7, total=0.1),
+        request(t=1.5, total=1.0),
+    ]
+    assert max_concurrent(requests) == 3
+    assert max_concurrent([request(t=0.0, total=1.0), request(t=1.0, total=1.0)]) == 1
+
+
+def test_resources_peaks_and_growth_after_warmup() -> None:
+    """Peaks cover all samples; growth compares the first and last samples after warm-up."""
+    result = synthetic_result()
+    result["workers"] = 2
+    result["samples"] = [
+        sample(0.0, rss_mb=300.0, fds=50),  # warm-up: counts for the peak, not the growth
+        sample(5.0, rss_mb=100.0, fds=100),
+        sample(10.0, rss_mb=110.0, fds=104, connections=90),
+    ]
+    resources = summarize(result)["resources"]
+    assert resources["peak_rss_bytes"] == 300 * MB
+    assert resources["peak_rss_per_worker_bytes"] == pytest.approx(150 * MB)
+    assert resources["peak_connections"] == 90
+    assert resources["rss_growth_bytes"] == 10 * MB
+    assert resources["fd_growth"] == 4
+
+    result["samples"][1]["rss_per_worker"] = [40 * MB, 200 * MB]
+    resources = summarize(result)["resources"]
+    assert resources["peak_rss_per_worker_bytes"] == pytest.approx(200 * MB)
+
+
+def test_nginx_ratios() -> None:
+    """Ratios divide resizer's throughput and HIT TTFB by nginx's."""
+    summary = summarize(synthetic_result(nginx=True))
+    ratios = summary["ratios"]
+    # resizer: 10 MB in 10 s; nginx: 10 MB in 5 s.
+    assert ratios["throughput_ratio"] == pytest.approx(0.5)
+    assert ratios["rps_ratio"] == pytest.approx(0.5)
+    assert ratios["ttfb_p50_ratio"] == pytest.approx(2.0)
+    assert ratios["ttfb_p95_ratio"] == pytest.approx(2.0)
+
+
+def test_success_checks_pass_on_a_good_run() -> None:
+    """A healthy synthetic run passes every check that has data, in a stable order."""
+    result = synthetic_result(nginx=True)
+    result["params"] = {"concurrency": 8, "max_rss_mb": 100}
+    checks = success_checks(summarize(result))
+    assert [name for name, _, _ in checks] == [
+        "P95 TTFB of hits < 500 ms",
+        "P95 TTFB of misses < 2 s",
+        "RSS < 128 MB per worker under load",
+        "error rate < 0.1 %",
+        "hit rate > 80 % after warm-up",
+        "cached throughput >= 0.5x nginx",
+        "RSS <= 100 MB per worker",
+    ]
+    assert all(passed for _, passed, _ in checks)
+    assert all("vs target" in detail for _, _, detail in checks)
+
+
+def test_success_checks_fail_on_a_bad_summary() -> None:
+    """Slow hits and misses, fat workers, errors, few hits and low concurrency all fail."""
+    summary: dict[str, Any] = {
+        "latency": {"HIT": {"ttfb": {"p95": 0.6}}},
+        "misses": {"ttfb": {"p95": 2.5}},
+        "resources": {"peak_rss_per_worker_bytes": 130 * MB},
+        "error_rate": 0.002,
+        "errors": 2,
+        "requests": 1000,
+        "hit_rate_after_warmup": 0.8,  # the target is strictly above 80 %
+        "concurrency": 1000,
+        "max_concurrent_per_worker": 499.0,
+        "ratios": {"throughput_ratio": 0.4},
+        "max_rss_mb": 131,  # a scenario's own, looser target
+    }
+    checks = success_checks(summary)
+    assert len(checks) == 8
+    assert [passed for _, passed, _ in checks] == [False] * 7 + [True]
+    assert check(checks, "RSS <= 131 MB per worker")
+    details = {name: detail for name, _, detail in checks}
+    assert details["RSS < 128 MB per worker under load"] == (
+        "measured peak 130.0 MB vs target < 128 MB"
+    )
+
+
+def test_success_checks_omit_lines_without_data() -> None:
+    """No hits, no samples, no nginx, low concurrency: those checks are left out."""
+    result = synthetic_result()
+    result["requests"] = [request(cache="MISS")]
+    result["samples"] = []
+    result["params"] = {"concurrency": 100}
+    names = [name for name, _, _ in success_checks(summarize(result))]
+    assert names == [
+        "P95 TTFB of misses < 2 s",
+        "error rate < 0.1 %",
+        "hit rate > 80 % after warm-up",
+    ]
+    assert success_checks(summarize({"requests": [], "samples": []})) == []
+
+
+def test_concurrency_check_only_for_500_plus_clients() -> None:
+    """The 500-per-worker check appears once the scenario offers 500+ clients."""
+    result = synthetic_result()
+    result["params"] = {"concurrency": 500}
+    result["requests"] = [request(t=0.0, total=1.0) for _ in range(1000)]
+    result["workers"] = 2
+    checks = success_checks(summarize(result))
+    assert check(checks, "500+ concurrent requests per worker")
+
+
+def assert_report_files(out_dir: Path) -> str:
+    for name in ("latency.png", "resources.png"):
+        image = out_dir / name
+        assert image.stat().st_size > 0
+        assert image.read_bytes().startswith(b"\x89PNG")
+    assert "summary" in json.loads((out_dir / "result.json").read_text())
+    return (out_dir / "report.md").read_text()
+
+
+def test_write_report_without_nginx(tmp_path: Path) -> None:
+    """report.md holds the PASS/FAIL lines, tables and plot links; PNGs and result.json exist."""
+    result = synthetic_result()
+    result["requests"].append(request(status=503, cache="ERROR", size=0))
+    report = write_report(result, tmp_path / "out")
+    assert report == tmp_path / "out" / "report.md"
+    text = assert_report_files(tmp_path / "out")
+    assert "# Load test: synthetic" in text
+    assert "make loadtest SCENARIO=synthetic" in text
+    assert "prefer ratios" in text
+    assert "- PASS: P95 TTFB of hits < 500 ms" in text
+    assert "- FAIL: error rate < 0.1 %" in text
+    assert "![latency](latency.png)" in text
+    assert "![resources](resources.png)" in text
+    assert "## Versus nginx" not in text
+    assert "summary" not in result  # the caller's dict is left alone
+
+
+def test_write_report_with_nginx(tmp_path: Path) -> None:
+    """With an nginx run the report compares both and checks the throughput ratio."""
+    write_report(synthetic_result(nginx=True), tmp_path)
+    text = assert_report_files(tmp_path)
+    assert "## Versus nginx" in text
+    assert "throughput_ratio: 0.50" in text
+    assert "- PASS: cached throughput >= 0.5x nginx" in text
+
+
+def test_write_report_with_no_requests_or_samples(tmp_path: Path) -> None:
+    """An empty run still writes a report and placeholder plots instead of crashing."""
+    result: dict[str, Any] = {"scenario": "empty", "duration_s": 0.0, "requests": [], "samples": []}
+    write_report(result, tmp_path)
+    text = assert_report_files(tmp_path)
+    assert "No successful requests." in text
+    assert "No success metric has data in this run." in text
+
+
+def test_cli_writes_the_report(tmp_path: Path) -> None:
+    """python -m loadtest.report RESULT_JSON OUT_DIR recomputes the summary from the raw result."""
+    from loadtest.report import main
+
+    source = tmp_path / "result.json"
+    source.write_text(json.dumps({**synthetic_result(), "summary": {"stale": True}}))
+    assert main([str(source), str(tmp_path / "out")]) == 0
+    recorded = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert "stale" not in recorded["summary"]
+    assert_report_files(tmp_path / "out")
