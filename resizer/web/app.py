@@ -19,15 +19,13 @@ from ..errors import ResizerError
 from ..metrics import CONTENT_TYPE_LATEST
 from ..options import OutputFormat, TransformOptions, cache_key
 from ..pipeline import Job, Service
-from ..responsive import ACCEPT_CH, resolve_options
 from ..responsive import Resolved as Choice
+from ..responsive import resolve_options
 from ..targets import Target, parse_target, sheet_url
 from .asgi import ExchangeGuard, release_on_exchange_end
+from .hits import HitFastPath, negotiation_headers, plan_hit
 from .ranges import (
     ByteRange,
-    http_date,
-    if_range_allows,
-    not_modified,
     parse_range,
     parse_range_spec,
 )
@@ -108,7 +106,7 @@ def create_app(service: Service) -> ExchangeGuard:
     async def media(_path: str) -> Response:
         return await serve_media(service)
 
-    return ExchangeGuard(app)
+    return ExchangeGuard(HitFastPath(app, service))
 
 
 async def serve_media(service: Service) -> Response:
@@ -176,13 +174,7 @@ def apply_negotiation_headers(
     response: Response, service: Service, options: TransformOptions, vary: tuple[str, ...]
 ) -> None:
     """Headers that depend on how the options were chosen, on hits and misses alike."""
-    if options.filename:
-        name = f"{options.filename}.{options.extension}"
-        response.headers["Content-Disposition"] = f'inline; filename="{name}"'
-    if vary:
-        response.headers["Vary"] = ", ".join(vary)
-    if service.policy.responsive:
-        response.headers["Accept-CH"] = ", ".join(ACCEPT_CH)
+    response.headers.update(negotiation_headers(service, options, vary))
 
 
 def apply_representation_headers(
@@ -194,34 +186,14 @@ def apply_representation_headers(
 
 
 def respond_from_cache(service: Service, entry: EntryMeta, *, head: bool) -> Response:
-    max_age = max(0, int(entry.expires - time.time()))
-    headers = {
-        "ETag": entry.etag,
-        "Last-Modified": http_date(entry.created),
-        "Cache-Control": f"public, max-age={max_age}",
-        "Accept-Ranges": "bytes",
-        "X-Cache-Status": "HIT",
-    }
-    if entry.source:
-        headers["X-Origin"], _, headers["X-Source"] = entry.source.rpartition(":")
-    if not_modified(
-        if_none_match=request.headers.get("If-None-Match"),
-        if_modified_since=request.headers.get("If-Modified-Since"),
-        etag=entry.etag,
-        last_modified=entry.created,
-    ):
-        return Response(b"", status=304, headers=headers)
-
-    selected: ByteRange | None = None
-    if if_range_allows(request.headers.get("If-Range"), entry.etag):
-        selected = parse_range(request.headers.get("Range"), entry.size)  # may raise 416
-    chosen = selected or ByteRange(0, entry.size)
-    if selected is not None:
-        headers["Content-Range"] = selected.content_range(entry.size)
-    body: bytes | AsyncIterator[bytes] = b"" if head else stream_entry(service, entry, chosen)
-    response = Response(body, status=206 if selected else 200, headers=headers)
-    response.headers["Content-Type"] = entry.content_type
-    response.headers["Content-Length"] = str(chosen.length)
+    """A hit through Quart (the fast path in hits.py answers most of them first)."""
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    plan = plan_hit(entry, headers, time.time())  # may raise 416
+    if plan.span is None:
+        return Response(b"", status=plan.status, headers=plan.headers)
+    body: bytes | AsyncIterator[bytes] = b"" if head else stream_entry(service, entry, plan.span)
+    response = Response(body, status=plan.status, headers=plan.headers)
+    response.headers["Content-Length"] = plan.headers["Content-Length"]
     return response
 
 

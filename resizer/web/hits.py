@@ -1,0 +1,184 @@
+"""The fast path for cache hits: answered in plain ASGI, without entering Quart.
+
+Profiling the hit path under load showed most of a hit's CPU time in Quart's request and
+response machinery (~4 ms per request on this machine, against ~0.3 ms for the lookup and
+the file reads), which capped cached throughput at a fraction of nginx's. Hits are the common
+case and need none of Quart's features, so this middleware answers them itself; everything
+else (misses, errors, conditional or range requests it cannot plan, other routes) goes to
+the Quart app unchanged, which also re-checks the cache, so a race only costs time.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import structlog
+import trio
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+
+from ..cache.base import EntryMeta
+from ..errors import ResizerError
+from ..options import TransformOptions, cache_key
+from ..pipeline import Service
+from ..responsive import ACCEPT_CH, resolve_options
+from ..targets import parse_target
+from .ranges import ByteRange, http_date, if_range_allows, not_modified, parse_range
+
+log = structlog.get_logger(__name__)
+
+# Routes that are never media.
+_OTHER_PATHS = frozenset({"/healthz", "/metrics"})
+
+
+@dataclass(frozen=True, slots=True)
+class HitPlan:
+    status: int  # 200, 206 or 304
+    headers: dict[str, str]
+    span: ByteRange | None  # bytes to send; None for 304
+
+
+def plan_hit(entry: EntryMeta, request_headers: Mapping[str, str], now: float) -> HitPlan:
+    """Status, headers and byte span answering a request for a cached entry (pure).
+
+    ``request_headers`` has lower-case names. Raises RangeNotSatisfiable (416).
+    """
+    headers = {
+        "ETag": entry.etag,
+        "Last-Modified": http_date(entry.created),
+        "Cache-Control": f"public, max-age={max(0, int(entry.expires - now))}",
+        "Accept-Ranges": "bytes",
+        "X-Cache-Status": "HIT",
+    }
+    if entry.source:
+        headers["X-Origin"], _, headers["X-Source"] = entry.source.rpartition(":")
+    if not_modified(
+        if_none_match=request_headers.get("if-none-match"),
+        if_modified_since=request_headers.get("if-modified-since"),
+        etag=entry.etag,
+        last_modified=entry.created,
+    ):
+        return HitPlan(304, headers, None)
+    selected: ByteRange | None = None
+    if if_range_allows(request_headers.get("if-range"), entry.etag):
+        selected = parse_range(request_headers.get("range"), entry.size)
+    chosen = selected or ByteRange(0, entry.size)
+    if selected is not None:
+        headers["Content-Range"] = selected.content_range(entry.size)
+    headers["Content-Type"] = entry.content_type
+    headers["Content-Length"] = str(chosen.length)
+    return HitPlan(206 if selected else 200, headers, chosen)
+
+
+def negotiation_headers(
+    service: Service, options: TransformOptions, vary: tuple[str, ...]
+) -> dict[str, str]:
+    """Headers that depend on how the options were chosen, on hits and misses alike."""
+    headers: dict[str, str] = {}
+    if options.filename:
+        headers["Content-Disposition"] = (
+            f'inline; filename="{options.filename}.{options.extension}"'
+        )
+    if vary:
+        headers["Vary"] = ", ".join(vary)
+    if service.policy.responsive:
+        headers["Accept-CH"] = ", ".join(ACCEPT_CH)
+    return headers
+
+
+class HitFastPath:
+    def __init__(self, app: ASGIFramework, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in ("GET", "HEAD")
+            or scope["path"] in _OTHER_PATHS
+            or not await self._answer_hit(scope, send)
+        ):
+            await self.app(scope, receive, send)
+
+    async def _answer_hit(self, scope: Any, send: ASGISendCallable) -> bool:
+        """Answer from the cache and return True, or return False having sent nothing."""
+        started = trio.current_time()
+        service = self.service
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            query = dict(reversed(parse_qsl(scope["query_string"].decode("latin-1"), True)))
+            target = parse_target(scope["path"], query)
+            choice = resolve_options(target.params, headers, service.policy)
+            key = cache_key(target.source, choice.options)
+        except ResizerError:
+            return False  # Quart renders the error
+        if service.failures.recall(key) is not None:
+            return False
+        entry = await service.cache.lookup(key)
+        if entry is None:
+            return False
+        try:
+            plan = plan_hit(entry, headers, time.time())
+        except ResizerError:
+            return False  # 416: Quart renders it
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        response_headers = {
+            **plan.headers,
+            **negotiation_headers(service, choice.options, choice.vary),
+            "X-Request-Id": request_id,
+        }
+        encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers.items()]
+        head = scope["method"] == "HEAD"
+        if plan.span is None or head or plan.span.length == 0:
+            await self._start(send, scope["method"], plan.status, encoded, started)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return True
+        chunks = service.adaptive_chunks()
+        try:
+            async with AsyncExitStack() as stack:
+                try:
+                    reader = await stack.enter_async_context(
+                        service.cache.open_range(
+                            entry, plan.span.start, plan.span.stop, chunks.next_size
+                        )
+                    )
+                except KeyError:
+                    # Replaced or deleted since the lookup, and nothing sent yet: Quart
+                    # answers instead (it looks the key up again).
+                    return False
+                await self._start(send, scope["method"], plan.status, encoded, started)
+                complete = False
+                try:
+                    async for data in reader:
+                        handed_over = trio.current_time()
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                        chunks.sent(trio.current_time() - handed_over)
+                    complete = True
+                finally:
+                    if not complete:
+                        service.metrics.stream_aborts.inc()
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            chunks.release()
+        return True
+
+    async def _start(
+        self,
+        send: ASGISendCallable,
+        method: str,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        started: float,
+    ) -> None:
+        metrics = self.service.metrics
+        metrics.cache_hits.inc()
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        metrics.requests.labels(method, str(status)).inc()
+        metrics.request_seconds.labels("HIT").observe(trio.current_time() - started)
