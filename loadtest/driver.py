@@ -413,7 +413,9 @@ async def run_load(
             async with trio.open_nursery() as nursery:
                 for _ in range(scenario.concurrency):
                     nursery.start_soon(storm_client)
-            return trio.current_time() - origin
+            elapsed = trio.current_time() - origin
+            await lean.aclose()
+            return elapsed
         deadline = origin + scenario.duration
 
         async def loop_client() -> None:
@@ -441,7 +443,9 @@ async def run_load(
         async with trio.open_nursery() as nursery:
             for _ in range(scenario.concurrency):
                 nursery.start_soon(loop_client)
-        return trio.current_time() - origin
+        elapsed = trio.current_time() - origin
+        await lean.aclose()  # so the last samples show the server's own descriptors
+        return elapsed
 
 
 @contextlib.asynccontextmanager
