@@ -60,7 +60,7 @@ class CacheConfig:
     backend: Literal["disk", "memory"] = "disk"
     path: str = ".cache/resizer"
     ttl: Duration = Duration(1 * DAYS)
-    read_chunk: ByteSize = ByteSize(64 * KiB)  # first chunk of a stream; then it adapts
+    read_chunk: ByteSize = ByteSize(256 * KiB)  # first chunk of a stream; then it adapts
     # Streams grow their chunks while the client drains them fast and shrink them while it
     # is slow, within these bounds, drawing from one budget of buffered bytes per process.
     min_read_chunk: ByteSize = ByteSize(16 * KiB)

@@ -77,12 +77,6 @@ class _AsyncBinaryWriter(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _AsyncBinaryReader(Protocol):
-    async def read(self, size: int, /) -> bytes: ...
-
-    async def seek(self, offset: int, /) -> int: ...
-
-
 @dataclass(frozen=True, slots=True)
 class _StoredMeta:
     meta: EntryMeta
@@ -183,6 +177,8 @@ class DiskCacheStore:
         return None if name is None else self._entry_dir(digest) / name
 
     async def lookup(self, key: str) -> EntryMeta | None:
+        # In a thread: doing it inline measured no faster (BENCHMARKS.md) and a slow disk
+        # would stall every request.
         return await trio.to_thread.run_sync(self._lookup_sync, key)
 
     def open_spool(self, entry: EntryMeta) -> DiskSpoolReader:
@@ -203,13 +199,17 @@ class DiskCacheStore:
         path = self.data_path(entry)
         if path is None:
             raise KeyError(entry.key)
+        # Opened and closed synchronously (microseconds, no thread round trips: a hit is
+        # dominated by per-request overhead); the reads themselves go to a thread.
+        await trio.lowlevel.checkpoint()
         try:
-            file = await trio.open_file(path, "rb")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise KeyError(entry.key) from exc
-        async with file:
-            await file.seek(start)
-            yield _FileChunks(file, path, stop - start, chunk_size)
+        try:
+            yield _FileChunks(fd, path, start, stop, chunk_size)
+        finally:
+            os.close(fd)
 
     @asynccontextmanager
     async def open_writer(
@@ -387,27 +387,27 @@ class DiskCacheStore:
 
 
 class _FileChunks:
-    """Reads ``remaining`` bytes from an already positioned file, ``chunk_size`` at a time."""
+    """Reads bytes ``start`` to ``stop`` of an open file, one positional read per chunk."""
 
-    def __init__(
-        self, file: _AsyncBinaryReader, path: Path, remaining: int, chunk_size: ChunkSize
-    ) -> None:
-        self._file = file
+    def __init__(self, fd: int, path: Path, start: int, stop: int, chunk_size: ChunkSize) -> None:
+        self._fd = fd
         self._path = path
-        self._remaining = remaining
+        self._offset = start
+        self._stop = stop
         self._chunk_size = chunk_size
 
     def __aiter__(self) -> _FileChunks:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._remaining == 0:
+        if self._offset >= self._stop:
             raise StopAsyncIteration
-        chunk = await self._file.read(min(chunk_size_now(self._chunk_size), self._remaining))
+        size = min(chunk_size_now(self._chunk_size), self._stop - self._offset)
+        chunk = await trio.to_thread.run_sync(os.pread, self._fd, size, self._offset)
         if not chunk:
             # Published data files are never modified, so this is outside interference.
             raise ResizerError(f"cache data file {self._path.name} is shorter than its entry")
-        self._remaining -= len(chunk)
+        self._offset += len(chunk)
         return chunk
 
 
