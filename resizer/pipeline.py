@@ -69,6 +69,7 @@ class Job:
 class Lookup:
     """What ``Service.lookup_or_resolve`` found: an entry, or (on a miss) the source."""
 
+    key: str
     entry: EntryMeta | None = None
     resolved: Resolved | None = None
     error: ResizerError | None = None
@@ -139,14 +140,16 @@ class Service:
             )
         return resolved
 
-    async def lookup_or_resolve(self, key: str, target: Target) -> Lookup:
+    async def lookup_or_resolve(
+        self, key: str, target: Target, *, raise_error: bool = True
+    ) -> Lookup:
         """The cache entry for ``key``, or else the resolved source of ``target``.
 
         Both start at once: a hit cancels the resolution (it never waits for an origin), and
         a miss does not pay for the lookup and the origin's answer one after the other.
-        Resolution errors (404, 502...) only count on a miss.
+        Resolution errors (404, 502...) only count on a miss: raised, or left in ``error``.
         """
-        outcome = Lookup()
+        outcome = Lookup(key)
 
         async def resolve() -> None:
             try:
@@ -160,7 +163,9 @@ class Service:
                 outcome.entry = await self.lookup(key)
                 if outcome.entry is not None:
                     nursery.cancel_scope.cancel()
-        if outcome.entry is None and outcome.error is not None:
+        if outcome.entry is not None:
+            outcome.error = None
+        elif outcome.error is not None and raise_error:
             raise outcome.error
         return outcome
 

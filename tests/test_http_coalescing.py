@@ -246,7 +246,8 @@ async def test_ranges_of_a_key_in_flight_come_from_its_output(
 
         clients.start_soon(fetch_range, "bytes=20000-20999")  # not produced yet: waits
         clients.start_soon(fetch_range, "bytes=-100")  # needs the total: waits for the end
-        await trio.sleep(0.2)
+        with trio.fail_after(10):  # both attached to the Work (coalesced) and are waiting
+            await poll_until(lambda: metric(server, "coalesced") == 3)
         assert not ranged
         release.set()
     by_range = {r.headers["Content-Range"]: r.content for r in ranged}

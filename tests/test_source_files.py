@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import trio
@@ -85,8 +86,21 @@ async def test_a_cancelled_downloader_hands_over_to_the_next_opener(
                 raise AssertionError("the stalled download finished early")
     assert got == [b"a.mp4" * 1000]
     assert source.opens == 2
-    assert len(names(tmp_path / "files")) == 1
+    assert len(names(files.folder)) == 1
     assert names(tmp_path / "spill") == []
+
+
+def test_start_up_removes_only_the_folders_of_dead_processes(tmp_path: Path) -> None:
+    """Another live process's downloads survive our start-up; a dead one's are removed."""
+    live = tmp_path / "files" / f"{os.getppid()}-aaaa"
+    dead = tmp_path / "files" / "999999999-bbbb"
+    for folder in (live, dead):
+        folder.mkdir(parents=True)
+        (folder / "x.mp4").write_bytes(b"x")
+    files, _ = make(tmp_path)
+    assert (live / "x.mp4").exists()
+    assert not dead.exists()
+    assert files.folder.is_dir()
 
 
 async def test_least_recently_used_unread_files_are_evicted(tmp_path: Path) -> None:
@@ -102,4 +116,4 @@ async def test_least_recently_used_unread_files_are_evicted(tmp_path: Path) -> N
     async with files.open(source, "c.mp4", STAT):
         pass
     assert files.reuses >= 1
-    assert len(names(tmp_path / "files")) == 2
+    assert len(names(files.folder)) == 2

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
+import shutil
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,8 +39,11 @@ class _Entry:
 
 
 class SourceFileCache:
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder = folder
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        # Several processes may share the cache folder; each keeps its files in its own
+        # subfolder ("<pid>-<token>"), since each tracks (and evicts) only what it knows.
+        self.root = root
+        self.folder = root / f"{os.getpid()}-{secrets.token_hex(4)}"
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order, oldest first
         self._locks: dict[str, trio.Lock] = {}
@@ -50,10 +55,13 @@ class SourceFileCache:
         return sum(entry.size for entry in self._entries.values())
 
     def prepare(self) -> None:
-        """Start empty: files left by an earlier run are not trusted (blocking, start-up)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for leftover in self.folder.iterdir():
-            leftover.unlink(missing_ok=True)
+        """Create our folder; remove those of processes that are gone (blocking, start-up)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in self.root.iterdir():
+            pid = folder.name.split("-", 1)[0]
+            if folder.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+                shutil.rmtree(folder, ignore_errors=True)
+        self.folder.mkdir()
 
     def holds(self, source: Source, path: str, stat: SourceStat) -> bool:
         """Whether a valid copy is cached already (then reading it beats any network)."""
@@ -109,6 +117,16 @@ class SourceFileCache:
             del self._entries[key]
             total -= entry.size
             entry.path.unlink(missing_ok=True)  # synchronous: microseconds, never orphaned
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _key(source: Source, path: str, stat: SourceStat) -> str:

@@ -18,12 +18,12 @@ from ..concurrency.coalescing import Subscription, WorkState
 from ..errors import ResizerError
 from ..metrics import CONTENT_TYPE_LATEST
 from ..options import OutputFormat, TransformOptions, cache_key
-from ..pipeline import Job, Service
+from ..pipeline import Job, Lookup, Service
 from ..responsive import Resolved as Choice
 from ..responsive import resolve_options
 from ..targets import Target, parse_target, sheet_url
 from .asgi import ExchangeGuard, release_on_exchange_end
-from .hits import HitFastPath, negotiation_headers, plan_hit
+from .hits import LOOKUP_SCOPE_KEY, HitFastPath, negotiation_headers, plan_hit
 from .ranges import (
     ByteRange,
     parse_range,
@@ -136,7 +136,11 @@ async def answer_media(
 ) -> Response:
     options = choice.options
     head = request.method == "HEAD"
-    found = await service.lookup_or_resolve(key, target)
+    found = request.scope.get(LOOKUP_SCOPE_KEY)
+    if not isinstance(found, Lookup) or found.key != key:
+        found = await service.lookup_or_resolve(key, target)
+    elif found.error is not None:
+        raise found.error
     entry = found.entry
     if entry is not None:
         response = respond_from_cache(service, entry, head=head)

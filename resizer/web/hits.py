@@ -32,6 +32,9 @@ from .ranges import ByteRange, http_date, if_range_allows, not_modified, parse_r
 
 log = structlog.get_logger(__name__)
 
+# Where the fast path leaves its ``Lookup`` for the Quart handler when it cannot answer.
+LOOKUP_SCOPE_KEY = "resizer.lookup"
+
 # Routes that are never media.
 _OTHER_PATHS = frozenset({"/healthz", "/metrics"})
 
@@ -121,12 +124,17 @@ class HitFastPath:
             return False  # Quart renders the error
         if service.failures.recall(key) is not None:
             return False
-        entry = await service.cache.lookup(key)
+        found = await service.lookup_or_resolve(key, target, raise_error=False)
+        entry = found.entry
         if entry is None:
+            # A miss: Quart continues with what was found (the resolved source or its
+            # error), so the lookup and the origin check are not repeated.
+            scope[LOOKUP_SCOPE_KEY] = found
             return False
         try:
             plan = plan_hit(entry, headers, time.time())
         except ResizerError:
+            scope[LOOKUP_SCOPE_KEY] = found
             return False  # 416: Quart renders it
         request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
         response_headers = {
@@ -178,7 +186,6 @@ class HitFastPath:
         started: float,
     ) -> None:
         metrics = self.service.metrics
-        metrics.cache_hits.inc()
         await send({"type": "http.response.start", "status": status, "headers": headers})
         metrics.requests.labels(method, str(status)).inc()
         metrics.request_seconds.labels("HIT").observe(trio.current_time() - started)
