@@ -66,6 +66,9 @@ class CacheConfig:
     min_read_chunk: ByteSize = ByteSize(16 * KiB)
     max_read_chunk: ByteSize = ByteSize(1 * MiB)
     stream_budget: ByteSize = ByteSize(32 * MiB)
+    # While the budget is spent streams wait their turn; after this long one gets the
+    # minimum over budget (clients that stopped reading must not stall the others).
+    stream_budget_wait: Duration = Duration(1 * SECONDS)
     fsync: bool = False
     # Downloaded remote sources kept for further variants (least recently used evicted
     # first; files being read are never evicted); 0: download for every transformation.

@@ -22,7 +22,7 @@ from .cache.failures import FailureCache
 from .cache.leases import Follow, FollowLost, Lead, LeaseBoard
 from .cache.memory import MemoryCacheStore
 from .cache.sources import SourceFileCache
-from .concurrency.budget import AdaptiveChunks, ByteBudget
+from .concurrency.budget import AdaptiveChunks, ByteBudget, LoopLag
 from .concurrency.coalescing import Subscription, Work, WorkRegistry
 from .concurrency.groups import unwrap_single_exception
 from .config import Config
@@ -108,7 +108,10 @@ class Service:
         self.policy = policy_from_config(config)
         self.failures = FailureCache(time.monotonic)
         self.range_proxy = RangeProxy()  # served by open_service
-        self.stream_budget = ByteBudget(config.cache.stream_budget)
+        self.loop_lag = LoopLag()  # served by open_service
+        self.stream_budget = ByteBudget(
+            config.cache.stream_budget, patience=config.cache.stream_budget_wait
+        )
         self.source_files: SourceFileCache | None = None
         if config.cache.source_files_size > 0:
             self.source_files = SourceFileCache(
@@ -149,7 +152,10 @@ class Service:
         a miss does not pay for the lookup and the origin's answer one after the other.
         Resolution errors (404, 502...) only count on a miss: raised, or left in ``error``.
         """
-        outcome = Lookup(key)
+        outcome = Lookup(key, self.recall(key))
+        if outcome.entry is not None:
+            await trio.lowlevel.checkpoint()
+            return outcome  # a hot entry: no origin check to start (or to cancel)
 
         async def resolve() -> None:
             try:
@@ -177,6 +183,7 @@ class Service:
             start=cache.read_chunk,
             minimum=cache.min_read_chunk,
             maximum=cache.max_read_chunk,
+            lag=self.loop_lag,
         )
 
     def ttl_for(self, target: Target) -> Mapping[str, float]:
@@ -189,7 +196,18 @@ class Service:
             return {}
         return origin.ttl
 
+    def recall(self, key: str) -> EntryMeta | None:
+        """A hot entry for ``key`` the cache knows without I/O (counted as a hit), or None."""
+        entry = self.cache.recall(key)
+        if entry is not None:
+            self.metrics.cache_hits.inc()
+        return entry
+
     async def lookup(self, key: str) -> EntryMeta | None:
+        entry = self.recall(key)
+        if entry is not None:
+            await trio.lowlevel.checkpoint()
+            return entry
         entry = await self.cache.lookup(key)
         (self.metrics.cache_hits if entry else self.metrics.cache_misses).inc()
         return entry
@@ -469,6 +487,7 @@ async def open_service(
             ),
         )
         await services.start(service.range_proxy.serve)
+        await services.start(service.loop_lag.serve)
         yield service
         # Leaving the block ends every in-flight work (shutdown): their cleanup is shielded.
         nursery.cancel_scope.cancel()

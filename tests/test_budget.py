@@ -1,39 +1,143 @@
-"""Adaptive chunk sizes under a shared byte budget."""
+"""Adaptive chunk sizes under a shared byte budget (a byte-counting limiter)."""
 
 from __future__ import annotations
 
-from resizer.concurrency.budget import AdaptiveChunks, ByteBudget
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from resizer.concurrency.budget import AdaptiveChunks, ByteBudget, LoopLag
 from resizer.units import KiB, MiB
 
 
-def test_fast_clients_grow_to_the_maximum_and_slow_ones_shrink_to_the_minimum() -> None:
+async def test_fast_clients_grow_to_the_maximum_and_slow_ones_shrink_to_the_minimum() -> None:
     """Quick sends double the chunk up to max; slow sends halve it down to min."""
     chunks = AdaptiveChunks(ByteBudget(64 * MiB), start=64 * KiB, minimum=16 * KiB, maximum=1 * MiB)
     sizes = []
     for _ in range(6):
-        sizes.append(chunks.next_size())
+        sizes.append(await chunks.next_size())
         chunks.sent(0.001)
     assert sizes == [64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB, 1 * MiB, 1 * MiB]
     for _ in range(8):
-        chunks.next_size()
+        await chunks.next_size()
         chunks.sent(0.2)
-    assert chunks.next_size() == 16 * KiB
+    assert await chunks.next_size() == 16 * KiB
     chunks.sent(0.02)  # in between: unchanged
-    assert chunks.next_size() == 16 * KiB
+    assert await chunks.next_size() == 16 * KiB
 
 
-def test_the_budget_bounds_what_all_streams_hold_at_once() -> None:
-    """Streams share the budget; beyond it each still gets its minimum, and bytes come back."""
+async def test_streams_wait_in_turn_while_the_budget_is_spent() -> None:
+    """Beyond the budget a stream waits (FIFO) for bytes another gives back, then gets them."""
     budget = ByteBudget(1 * MiB)
-    streams = [AdaptiveChunks(budget, start=512 * KiB, minimum=16 * KiB) for _ in range(4)]
-    granted = [stream.next_size() for stream in streams]
-    assert granted == [512 * KiB, 512 * KiB, 16 * KiB, 16 * KiB]
-    assert budget.used == 1 * MiB + 32 * KiB
-    for stream in streams:
-        stream.sent(0.02)
+    first, second, third = (AdaptiveChunks(budget, start=512 * KiB) for _ in range(3))
+    assert [await first.next_size(), await second.next_size()] == [512 * KiB, 512 * KiB]
+    granted: list[int] = []
+
+    async def third_stream() -> None:
+        granted.append(await third.next_size())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(third_stream)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (granted, budget.waiting, budget.used) == ([], 1, 1 * MiB)
+        first.sent(0.02)  # gives its 512 KiB back: the waiting stream takes them
+    assert granted == [512 * KiB]
+    assert (budget.used, budget.peak, budget.overdrafts) == (1 * MiB, 1 * MiB, 0)
+    second.release()
+    third.release()
+    third.release()  # idempotent
     assert budget.used == 0
-    streams[0].next_size()
-    streams[0].release()
-    streams[0].release()  # idempotent
-    assert budget.used == 0
-    assert budget.peak == 1 * MiB + 32 * KiB
+
+
+async def test_a_partial_grant_goes_to_the_first_waiter() -> None:
+    """What comes back is handed out in arrival order, at least the floor each."""
+    budget = ByteBudget(100)
+    assert budget.take_nowait(100, 10) == 100
+    results: dict[str, int] = {}
+
+    async def waiter(name: str, wanted: int) -> None:
+        results[name] = await budget.take(wanted, 10)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, "a", 50)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, "b", 50)
+        await trio.testing.wait_all_tasks_blocked()
+        budget.give_back(60)  # a gets 50, b gets the remaining 10 (its floor)
+    assert results == {"a": 50, "b": 10}
+    assert budget.used == 100
+
+
+async def test_after_its_patience_a_stream_gets_the_floor_over_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Clients that stopped reading hold the budget: a waiter proceeds after `patience`."""
+    budget = ByteBudget(64 * KiB, patience=1.0)
+    assert budget.take_nowait(64 * KiB, 16 * KiB) == 64 * KiB
+    started = trio.current_time()
+    assert await budget.take(256 * KiB, 16 * KiB) == 16 * KiB
+    assert trio.current_time() - started == 1.0
+    assert (budget.used, budget.waiting, budget.overdrafts) == (80 * KiB, 0, 1)
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_returns_a_grant() -> None:
+    """Cancelling a waiting stream removes it; a grant that raced the cancel comes back."""
+    budget = ByteBudget(100)
+    budget.take_nowait(100, 10)
+    with trio.move_on_after(0.01):
+        await budget.take(50, 10)
+    assert (budget.waiting, budget.used) == (0, 100)
+
+    async def granted_then_cancelled(scope: trio.CancelScope) -> None:
+        with scope:
+            await budget.take(50, 10)
+        assert scope.cancelled_caught
+
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(granted_then_cancelled, scope)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()  # the waiter is rescheduled with Cancelled...
+        budget.give_back(50)  # ...and, before it runs, granted: it must give the grant back
+    assert (budget.waiting, budget.used) == (0, 50)
+
+
+async def test_a_floor_larger_than_the_budget_never_waits_forever() -> None:
+    """An empty budget grants even a floor above its total (misconfiguration-proof)."""
+    budget = ByteBudget(8 * KiB)
+    with trio.fail_after(1):
+        assert await budget.take(64 * KiB, 16 * KiB) == 16 * KiB
+
+
+async def test_sends_slowed_by_a_busy_loop_do_not_shrink_chunks() -> None:
+    """With the loop itself 20 ms behind, a 40 ms send is quick; a 400 ms one is slow."""
+    lag = LoopLag()
+    for _ in range(50):
+        lag.observe(0.020)
+    assert lag.current == pytest.approx(0.020, rel=0.01)
+    chunks = AdaptiveChunks(ByteBudget(64 * MiB), start=64 * KiB, lag=lag)
+    await chunks.next_size()
+    chunks.sent(0.040)
+    assert await chunks.next_size() == 128 * KiB
+    chunks.sent(0.400)
+    assert await chunks.next_size() == 64 * KiB
+    idle = AdaptiveChunks(ByteBudget(64 * MiB), start=64 * KiB)  # no lag: 40 ms is slow
+    await idle.next_size()
+    idle.sent(0.060)
+    assert await idle.next_size() == 32 * KiB
+
+
+async def test_the_loop_lag_monitor_measures_how_late_wakeups_run() -> None:
+    """A loop blocked for 50 ms shows up as lag, and the estimate decays once it is idle."""
+    lag = LoopLag(interval=0.005, smoothing=0.5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lag.serve)
+        await trio.sleep(0.006)
+        time.sleep(0.05)  # noqa: ASYNC251 - blocking the loop on purpose
+        await trio.testing.wait_all_tasks_blocked()  # the monitor woke (late) and measured
+        assert lag.current > 0.01
+        await trio.sleep(0.2)
+        assert lag.current < 0.005
+        nursery.cancel_scope.cancel()

@@ -13,8 +13,10 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+import trio
 
 from resizer.cache.base import EntryMeta
 from resizer.cache.disk import DiskCacheStore
@@ -301,10 +303,10 @@ async def test_unreadable_metadata_is_a_miss_not_an_error(
     """A lookup hitting EACCES logs and returns None instead of failing the request."""
     await put(disk, "k", OLD)
 
-    def refuse(self: Path) -> bytes:
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    def refuse(path: Path, mode: str) -> NoReturn:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr("resizer.cache.disk.open", refuse, raising=False)
     assert await disk.lookup("k") is None
 
 
@@ -324,3 +326,83 @@ async def test_fsync_mode_publishes_the_same_way(root: Path) -> None:
     assert await disk.lookup("k") == entry
     assert await read(disk, entry, 100, 6000, chunk_size=999) == NEW[100:6000]
     assert files_under(root) == entry_files(disk, entry)
+
+
+async def test_recall_answers_only_for_entries_lookup_validated(disk: DiskCacheStore) -> None:
+    """recall() knows an entry once lookup() read it, and forgets it when it is replaced."""
+    entry = await put(disk, "k", OLD)
+    assert disk.recall("k") is None  # never looked up: recall does no reading of its own
+    assert await disk.lookup("k") == entry
+    assert disk.recall("k") == entry
+    newer = await put(disk, "k", NEW)
+    assert disk.recall("k") is None  # the metadata file was replaced
+    assert await disk.lookup("k") == newer
+    assert disk.recall("k") == newer
+
+
+async def test_recall_forgets_deleted_and_expired_entries(root: Path) -> None:
+    """A recalled entry is dropped when deleted (by any process) or once its TTL passes."""
+    clock = FakeClock()
+    disk = DiskCacheStore(root, clock=clock)
+    disk.prepare()
+    other_process = DiskCacheStore(root, clock=clock)
+    await put(disk, "gone", OLD)
+    await put(disk, "old", OLD)  # put() stores a 60 s TTL
+    assert await disk.lookup("gone") is not None
+    assert await disk.lookup("old") is not None
+    await other_process.delete("gone")
+    assert disk.recall("gone") is None
+    clock.now += 61
+    assert disk.recall("old") is None
+    assert await disk.lookup("old") is None
+
+
+async def test_recall_is_bounded(disk: DiskCacheStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the most recently used entries are remembered."""
+    monkeypatch.setattr("resizer.cache.disk._RECENT_ENTRIES", 2)
+    for key in ("a", "b", "c"):
+        await put(disk, key, OLD)
+        assert await disk.lookup(key) is not None
+    assert [disk.recall(key) is not None for key in ("a", "b", "c")] == [False, True, True]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [BlockingIOError(errno.EAGAIN, "not cached"), OSError(errno.EOPNOTSUPP, "unsupported")],
+)
+async def test_reads_that_would_block_go_to_a_thread(
+    disk: DiskCacheStore, monkeypatch: pytest.MonkeyPatch, failure: OSError
+) -> None:
+    """When the page cache cannot answer without blocking, chunks are read in a thread."""
+    entry = await put(disk, "k", OLD)
+    threaded: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(fn: Callable[..., bytes], *args: object) -> bytes:
+        threaded.append(fn)
+        return await run_sync(fn, *args)
+
+    def refuse(*args: object) -> NoReturn:
+        raise failure
+
+    monkeypatch.setattr("resizer.cache.disk._nowait_reads", True)  # restored afterwards
+    monkeypatch.setattr(os, "preadv", refuse)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    assert await read(disk, entry, 10, 4010, chunk_size=1000) == OLD[10:4010]
+    assert threaded == [os.pread] * 4
+
+
+async def test_cached_reads_stay_in_the_event_loop(
+    disk: DiskCacheStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of a file in the page cache are read without worker threads (Linux)."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("preadv(RWF_NOWAIT) is Linux-only")
+    entry = await put(disk, "k", OLD)
+    await read(disk, entry)  # now surely in the page cache
+
+    async def no_threads(*args: object) -> NoReturn:
+        raise AssertionError("a worker thread was used")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_threads)
+    assert await read(disk, entry, 0, 5000, chunk_size=999) == OLD

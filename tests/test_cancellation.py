@@ -105,8 +105,12 @@ async def test_ten_clients_leaving_in_random_order(
     for run in range(12):
         steps: list[int | None] = [rng.randint(1, 60) for _ in range(10)]
         world = await replay(tmp_path / str(run), "staggered", steps)
-        assert world.transformer.runs_started <= 1
-        assert world.source.opens <= 1
+        # A second Work exists only if the first lost every client before the others
+        # joined (the registry hands joiners the running one); each costs at most one run.
+        works = len({id(result.work) for result in world.results})
+        assert world.transformer.runs_started <= works
+        assert world.source.opens <= works
+        assert world.transformer.runs_finished <= 1
 
 
 async def test_failure_mid_stream_at_every_checkpoint(

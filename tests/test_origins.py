@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from resizer.cache.base import EntryMeta
 from resizer.cache.memory import MemoryCacheStore
 from resizer.concurrency.breaker import BreakerState
 from resizer.config import load_config
@@ -145,10 +146,21 @@ async def service_with(source: ScriptedSource, cache: MemoryCacheStore) -> Async
         yield service
 
 
+class ColdCache(MemoryCacheStore):
+    """Knows nothing without I/O: every lookup takes the speculative path."""
+
+    def recall(self, key: str) -> None:
+        return None
+
+    async def lookup(self, key: str) -> EntryMeta | None:
+        await trio.sleep(0.1)
+        return super().recall(key)
+
+
 async def test_a_hit_never_waits_for_the_origin(autojump_clock: trio.testing.MockClock) -> None:
     """With the entry cached, a hanging origin is cancelled, not awaited."""
     hanging = ScriptedSource(None)
-    cache = MemoryCacheStore()
+    cache = ColdCache()
     target = parse_target("/v/a.mp4", {"width": "320"})
     key = cache_key(target.source, parse_options(target.params))
     async with cache.open_writer(key, content_type="video/mp4", ttl=60, options="") as writer:
@@ -159,6 +171,22 @@ async def test_a_hit_never_waits_for_the_origin(autojump_clock: trio.testing.Moc
             found = await service.lookup_or_resolve(key, target)
     assert found.entry is not None
     assert (hanging.stats, hanging.cancelled) == (1, 1)
+
+
+async def test_a_hot_entry_starts_no_origin_check() -> None:
+    """An entry the cache recalls from memory answers without asking the origin at all."""
+    hanging = ScriptedSource(None)
+    cache = MemoryCacheStore()
+    target = parse_target("/v/a.mp4", {"width": "320"})
+    key = cache_key(target.source, parse_options(target.params))
+    async with cache.open_writer(key, content_type="video/mp4", ttl=60, options="") as writer:
+        await writer.write(b"cached")
+        await writer.commit()
+    async with service_with(hanging, cache) as service:
+        found = await service.lookup_or_resolve(key, target)
+        assert service.metrics.cache_hits._value.get() == 1
+    assert found.entry is not None
+    assert (hanging.stats, hanging.cancelled) == (0, 0)
 
 
 async def test_a_miss_overlaps_the_lookup_and_the_resolution(

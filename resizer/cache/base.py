@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -30,12 +30,13 @@ def format_etag(hasher: hashlib.blake2b) -> str:
     return f'"{hasher.hexdigest()}"'
 
 
-# A fixed chunk size, or a function giving the size of each next read (adaptive streams).
-ChunkSize = int | Callable[[], int]
+# A fixed chunk size, or a function giving the size of each next read (adaptive streams,
+# which may wait for their turn in a byte budget).
+ChunkSize = int | Callable[[], Awaitable[int]]
 
 
-def chunk_size_now(chunk_size: ChunkSize) -> int:
-    return chunk_size() if callable(chunk_size) else chunk_size
+async def chunk_size_now(chunk_size: ChunkSize) -> int:
+    return await chunk_size() if callable(chunk_size) else chunk_size
 
 
 def check_range(size: int, start: int, stop: int, chunk_size: ChunkSize) -> None:
@@ -121,6 +122,12 @@ class CacheWriter(Protocol):
 
 
 class CacheStore(Protocol):
+    def recall(self, key: str) -> EntryMeta | None:
+        """The fresh entry for ``key`` when the store can tell without waiting on I/O (hot
+        entries); None means "ask ``lookup``". Lets a hit skip thread round trips, which
+        dominated the hit path's CPU under load."""
+        ...
+
     async def lookup(self, key: str) -> EntryMeta | None:
         """The fresh, complete entry for ``key``, or None (absent, expired or torn)."""
         ...

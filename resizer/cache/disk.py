@@ -26,12 +26,15 @@ write is an operational problem the caller must see rather than a client error.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -63,6 +66,8 @@ CLEANUP_TIMEOUT = 5 * SECONDS
 _META_SUFFIX = ".meta.json"
 _DATA_SUFFIX = ".data"
 _ETAG_RE = re.compile(r'"([0-9a-f]+)"')
+# Entries recall() can answer from memory (about 0.5 KiB each).
+_RECENT_ENTRIES = 2048
 
 
 class _AsyncBinaryWriter(Protocol):
@@ -112,6 +117,11 @@ def _referenced_data_name(raw: bytes, digest: str) -> str | None:
     return _data_name(digest, etag) if isinstance(etag, str) else None
 
 
+def _file_identity(stat: os.stat_result) -> tuple[int, ...]:
+    """Changes whenever a metadata file is replaced (a commit renames a new file over it)."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def _has_size(path: Path, size: int) -> bool:
     try:
         return path.stat().st_size == size
@@ -136,6 +146,10 @@ class DiskCacheStore:
         self._publish_lock = threading.Lock()
         # Lets the processes sharing this folder produce each key once (see leases.py).
         self.leases = LeaseBoard(self._tmp_dir)
+        # digest -> (identity of the metadata file when read, its entry), for recall(); an
+        # LRU bounded to a few hundred KiB. Written from worker threads (dict operations are
+        # atomic under the GIL; a lost race only costs a later thread round trip).
+        self._recent: OrderedDict[str, tuple[tuple[int, ...], EntryMeta]] = OrderedDict()
 
     def prepare(self) -> int:
         """Create the folders and remove what a crash left behind; returns the files removed.
@@ -176,9 +190,29 @@ class DiskCacheStore:
         name = _data_name(digest, entry.etag)
         return None if name is None else self._entry_dir(digest) / name
 
+    def recall(self, key: str) -> EntryMeta | None:
+        """A recently validated entry whose metadata file is still the same file (one
+        ``stat``, inline: the hot entries' inodes are in the kernel's cache)."""
+        digest = key_digest(key)
+        remembered = self._recent.get(digest)
+        if remembered is None:
+            return None
+        identity, meta = remembered
+        try:
+            unchanged = _file_identity(os.stat(self._meta_path(digest))) == identity
+        except OSError:
+            unchanged = False
+        if not unchanged or meta.key != key or not meta.is_fresh(self._clock()):
+            # Replaced, deleted or expired: lookup() reads (and tidies) it again.
+            self._recent.pop(digest, None)
+            return None
+        with contextlib.suppress(KeyError):  # a worker thread trimmed it meanwhile
+            self._recent.move_to_end(digest)
+        return meta
+
     async def lookup(self, key: str) -> EntryMeta | None:
-        # In a thread: doing it inline measured no faster (BENCHMARKS.md) and a slow disk
-        # would stall every request.
+        # In a thread: a cold entry means reading files, and a slow disk would stall every
+        # request. Entries found here are remembered for recall().
         return await trio.to_thread.run_sync(self._lookup_sync, key)
 
     def open_spool(self, entry: EntryMeta) -> DiskSpoolReader:
@@ -256,7 +290,9 @@ class DiskCacheStore:
         digest = key_digest(key)
         meta_path = self._meta_path(digest)
         try:
-            raw = meta_path.read_bytes()
+            with open(meta_path, "rb") as file:
+                identity = _file_identity(os.fstat(file.fileno()))
+                raw = file.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -283,7 +319,15 @@ class DiskCacheStore:
         if size != stored.meta.size:
             self._unpublish_if_unchanged(digest, raw, reason="torn")
             return None
+        self._remember(digest, identity, stored.meta)
         return stored.meta
+
+    def _remember(self, digest: str, identity: tuple[int, ...], meta: EntryMeta) -> None:
+        with contextlib.suppress(KeyError):  # another thread may be trimming too
+            self._recent[digest] = (identity, meta)
+            self._recent.move_to_end(digest)
+            while len(self._recent) > _RECENT_ENTRIES:
+                self._recent.popitem(last=False)
 
     def _unpublish_if_unchanged(self, digest: str, seen: bytes, *, reason: str) -> None:
         """Drop the entry whose metadata read as ``seen``, unless a commit replaced it since."""
@@ -386,6 +430,41 @@ class DiskCacheStore:
         return removed
 
 
+_nowait_reads = hasattr(os, "RWF_NOWAIT")
+# One scratch buffer for every inline read: reads happen in the event loop's thread with no
+# checkpoint between filling it and copying out. (A fresh zero-filled bytearray per chunk
+# measured 9x slower than the read itself.)
+_scratch = memoryview(bytearray(0))
+
+
+def read_cached(fd: int, size: int, offset: int) -> bytes | None:
+    """Up to ``size`` bytes at ``offset`` if the page cache has them, else None, never
+    blocking on the disk (``preadv(RWF_NOWAIT)``, Linux). Hot cached files are read inline:
+    a worker-thread round trip per chunk cost more CPU than the read itself, and the
+    threads' GIL hand-offs halved hit throughput under load (BENCHMARKS.md).
+
+    Call it from one thread only (the event loop's): it reads into a shared buffer.
+    """
+    global _nowait_reads, _scratch
+    if not _nowait_reads:
+        return None
+    if len(_scratch) < size:
+        _scratch = memoryview(bytearray(size))
+    window = _scratch[:size]
+    try:
+        got = os.preadv(fd, [window], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None  # not in the page cache (yet): the caller reads in a thread
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        _nowait_reads = False  # this kernel or filesystem cannot: always use threads
+        return None
+    if got == 0 and size > 0:
+        return None  # let the blocking read tell end-of-file from "nothing cached"
+    return bytes(window[:got])
+
+
 class _FileChunks:
     """Reads bytes ``start`` to ``stop`` of an open file, one positional read per chunk."""
 
@@ -402,8 +481,13 @@ class _FileChunks:
     async def __anext__(self) -> bytes:
         if self._offset >= self._stop:
             raise StopAsyncIteration
-        size = min(chunk_size_now(self._chunk_size), self._stop - self._offset)
-        chunk = await trio.to_thread.run_sync(os.pread, self._fd, size, self._offset)
+        size = min(await chunk_size_now(self._chunk_size), self._stop - self._offset)
+        chunk = read_cached(self._fd, size, self._offset)
+        if chunk is None:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # checkpoint before return
+            chunk = await trio.to_thread.run_sync(os.pread, self._fd, size, self._offset)
+        else:
+            await trio.lowlevel.checkpoint()
         if not chunk:
             # Published data files are never modified, so this is outside interference.
             raise ResizerError(f"cache data file {self._path.name} is shorter than its entry")

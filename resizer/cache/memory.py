@@ -37,8 +37,7 @@ class MemoryCacheStore:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
 
-    async def lookup(self, key: str) -> EntryMeta | None:
-        await trio.lowlevel.checkpoint()
+    def recall(self, key: str) -> EntryMeta | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -46,6 +45,10 @@ class MemoryCacheStore:
             del self._entries[key]
             return None
         return entry.meta
+
+    async def lookup(self, key: str) -> EntryMeta | None:
+        await trio.lowlevel.checkpoint()
+        return self.recall(key)
 
     @asynccontextmanager
     async def open_range(
@@ -89,8 +92,9 @@ class _MemoryChunks:
     async def __anext__(self) -> bytes:
         if self._offset >= len(self._data):
             raise StopAsyncIteration
+        size = await chunk_size_now(self._chunk_size)
         await trio.lowlevel.checkpoint()
-        chunk = bytes(self._data[self._offset : self._offset + chunk_size_now(self._chunk_size)])
+        chunk = bytes(self._data[self._offset : self._offset + size])
         self._offset += len(chunk)
         return chunk
 

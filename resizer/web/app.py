@@ -219,6 +219,7 @@ async def stream_entry(
             async for data in reader:
                 handed_over = trio.current_time()
                 yield data  # resumes once the server has written it to the socket
+                del data  # not held while the next read waits for budget
                 chunks.sent(trio.current_time() - handed_over)
     finally:
         chunks.release()

@@ -20,7 +20,13 @@ from urllib.parse import parse_qsl
 
 import structlog
 import trio
-from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    HTTPResponseBodyEvent,
+    Scope,
+)
 
 from ..cache.base import EntryMeta
 from ..errors import ResizerError
@@ -166,7 +172,16 @@ class HitFastPath:
                 try:
                     async for data in reader:
                         handed_over = trio.current_time()
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                        message: HTTPResponseBodyEvent = {
+                            "type": "http.response.body",
+                            "body": data,
+                            "more_body": True,
+                        }
+                        # Not referenced while the next read waits for budget: the budget
+                        # counts each chunk until its send returns.
+                        del data
+                        await send(message)
+                        del message
                         chunks.sent(trio.current_time() - handed_over)
                     complete = True
                 finally:
