@@ -25,7 +25,7 @@ from resizer.options import cache_key, parse_options
 from resizer.pipeline import Service, open_service
 from resizer.sources.base import LocalSource, SourceStat
 from resizer.sources.origins import Origin, Origins
-from resizer.targets import parse_target
+from resizer.targets import Target, parse_target
 from resizer.transform.fake import FakeTransformer
 
 PATTERN = r"^/v/(?P<path>.+)$"
@@ -157,15 +157,21 @@ class ColdCache(MemoryCacheStore):
         return super().recall(key)
 
 
-async def test_a_hit_never_waits_for_the_origin(autojump_clock: trio.testing.MockClock) -> None:
-    """With the entry cached, a hanging origin is cancelled, not awaited."""
-    hanging = ScriptedSource(None)
-    cache = ColdCache()
+async def cached_target(cache: MemoryCacheStore) -> tuple[Target, str]:
+    """A target whose variant ``cache`` holds, and its key."""
     target = parse_target("/v/a.mp4", {"width": "320"})
     key = cache_key(target.source, parse_options(target.params))
     async with cache.open_writer(key, content_type="video/mp4", ttl=60, options="") as writer:
         await writer.write(b"cached")
         await writer.commit()
+    return target, key
+
+
+async def test_a_hit_never_waits_for_the_origin(autojump_clock: trio.testing.MockClock) -> None:
+    """With the entry cached, a hanging origin is cancelled, not awaited."""
+    hanging = ScriptedSource(None)
+    cache = ColdCache()
+    target, key = await cached_target(cache)
     async with service_with(hanging, cache) as service:
         with trio.fail_after(1):
             found = await service.lookup_or_resolve(key, target)
@@ -177,11 +183,7 @@ async def test_a_hot_entry_starts_no_origin_check() -> None:
     """An entry the cache recalls from memory answers without asking the origin at all."""
     hanging = ScriptedSource(None)
     cache = MemoryCacheStore()
-    target = parse_target("/v/a.mp4", {"width": "320"})
-    key = cache_key(target.source, parse_options(target.params))
-    async with cache.open_writer(key, content_type="video/mp4", ttl=60, options="") as writer:
-        await writer.write(b"cached")
-        await writer.commit()
+    target, key = await cached_target(cache)
     async with service_with(hanging, cache) as service:
         found = await service.lookup_or_resolve(key, target)
         assert service.metrics.cache_hits._value.get() == 1
