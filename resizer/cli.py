@@ -19,6 +19,7 @@ from .log import configure_logging
 from .samples import ensure_sample_media
 from .transform.runner import resolve_ffmpeg
 from .web.server import serve_resizer
+from .web.workers import run_supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML configuration file")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--workers", type=int, help="override server.workers")
+    # Internal: a worker started by the supervisor, serving on an inherited socket.
+    serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", type=Path)
     return parser
@@ -39,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
-    return serve(args.config, host=args.host, port=args.port)
+    return serve(
+        args.config, host=args.host, port=args.port, workers=args.workers, worker_fd=args.worker_fd
+    )
 
 
 def check_config(path: Path) -> int:
@@ -53,7 +59,14 @@ def check_config(path: Path) -> int:
     return 0
 
 
-def serve(path: Path | None, *, host: str | None, port: int | None) -> int:
+def serve(
+    path: Path | None,
+    *,
+    host: str | None,
+    port: int | None,
+    workers: int | None = None,
+    worker_fd: int | None = None,
+) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -64,11 +77,17 @@ def serve(path: Path | None, *, host: str | None, port: int | None) -> int:
         config.server,
         host=host if host is not None else config.server.host,
         port=port if port is not None else config.server.port,
+        workers=workers if workers is not None else config.server.workers,
     )
     config = dataclasses.replace(config, server=server)
     configure_logging(config.logging.level, config.logging.format)
+    if worker_fd is not None:  # the supervisor prepared everything shared
+        trio.run(partial(_serve_until_signal, config, fd=worker_fd))
+        return 0
     if path is None:
         _prepare_default_media(config)
+    if config.server.workers > 1:
+        return run_supervisor(config, path)
     trio.run(_serve_until_signal, config)
     return 0
 
@@ -81,7 +100,7 @@ def _prepare_default_media(config: Config) -> None:
         log.info("created sample clip", path=str(sample))
 
 
-async def _serve_until_signal(config: Config) -> None:
+async def _serve_until_signal(config: Config, *, fd: int | None = None) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
 
@@ -93,7 +112,7 @@ async def _serve_until_signal(config: Config) -> None:
                     return
 
         nursery.start_soon(wait_for_signal)
-        _, binds = await nursery.start(partial(serve_resizer, config, shutdown_trigger=stop))
+        _, binds = await nursery.start(partial(serve_resizer, config, fd=fd, shutdown_trigger=stop))
         for bind in binds:
             log.info("serving", url=bind)
         await stop.wait()

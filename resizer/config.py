@@ -47,6 +47,9 @@ class ServerConfig:
     backlog: int = 2048
     # An idle keep-alive connection (or one whose request has not arrived) is closed after.
     keep_alive_timeout: Duration = Duration(5 * SECONDS)
+    # Processes serving the one socket (1: this process serves). Each is one Python thread,
+    # so one worker uses at most one core; they share the disk cache and its leases.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -568,6 +571,11 @@ def _check(config: Config, problems: _Problems) -> None:
         problems.add("limits.default_duration", "must not exceed limits.max_duration")
     if not 0 <= config.server.port <= 65535:
         problems.add("server.port", f"{config.server.port} is not a TCP port (0-65535)")
+    if not 1 <= config.server.workers <= 64:
+        problems.add("server.workers", "must be between 1 and 64")
+    elif config.server.workers > 1 and config.cache.backend != "disk":
+        # Workers share entries and coalesce through the disk cache's files and leases.
+        problems.add("server.workers", "several workers need cache.backend = disk")
     for key in ("max_width", "max_height"):
         value = getattr(config.limits, key)
         if not MIN_DIMENSION <= value <= 8192:

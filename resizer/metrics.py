@@ -1,11 +1,18 @@
-"""Prometheus metrics, one registry per service instance (tests run several in a process)."""
+"""Prometheus metrics, one registry per service instance (tests run several in a process).
+
+Under ``[server] workers`` > 1 the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before the
+workers start, so prometheus_client keeps every value in per-process files there and
+``render`` aggregates all workers (counters and histograms summed, gauges as marked).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .concurrency.breaker import BreakerState, CircuitBreaker
 
@@ -45,9 +52,14 @@ class Metrics:
         self.stream_aborts = Counter(
             "resizer_stream_aborts", "Clients that disconnected mid-body", registry=r
         )
-        self.inflight_works = Gauge("resizer_inflight_works", "Works in flight", registry=r)
+        self.inflight_works = Gauge(
+            "resizer_inflight_works", "Works in flight", registry=r, multiprocess_mode="livesum"
+        )
         self.transforms_running = Gauge(
-            "resizer_transforms_running", "ffmpeg processes running", registry=r
+            "resizer_transforms_running",
+            "ffmpeg processes running",
+            registry=r,
+            multiprocess_mode="livesum",
         )
 
         self.breaker_trips = Counter(
@@ -61,6 +73,7 @@ class Metrics:
             "Circuit breaker state per source: 0 closed, 1 half-open, 2 open",
             ["source"],
             registry=r,
+            multiprocess_mode="liveall",  # breakers are per worker: one series per pid
         )
 
     def track_breakers(self, breakers: Iterable[CircuitBreaker]) -> None:
@@ -77,4 +90,9 @@ class Metrics:
             self.breaker_trips.labels(breaker.name).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, folder)  # type: ignore[no-untyped-call]
+        return generate_latest(every_worker)

@@ -130,14 +130,21 @@ async def test_sends_slowed_by_a_busy_loop_do_not_shrink_chunks() -> None:
 
 
 async def test_the_loop_lag_monitor_measures_how_late_wakeups_run() -> None:
-    """A loop blocked for 50 ms shows up as lag, and the estimate decays once it is idle."""
+    """A loop blocked for 50 ms shows up as lag, the estimate decays, and idle means asleep."""
     lag = LoopLag(interval=0.005, smoothing=0.5)
     async with trio.open_nursery() as nursery:
         await nursery.start(lag.serve)
-        await trio.sleep(0.006)
+        lag.wanted()
+        await trio.sleep(0.002)
         time.sleep(0.05)  # noqa: ASYNC251 - blocking the loop on purpose
         await trio.testing.wait_all_tasks_blocked()  # the monitor woke (late) and measured
         assert lag.current > 0.01
-        await trio.sleep(0.2)
+        for _ in range(40):
+            lag.wanted()
+            await trio.sleep(0.006)
+        await trio.sleep(0.05)  # the last measurement asked for is done
         assert lag.current < 0.005
+        measured = lag.current
+        await trio.sleep(0.1)  # nobody asks: no measurements
+        assert lag.current == measured
         nursery.cancel_scope.cancel()

@@ -38,16 +38,25 @@ LAG_ROUNDS_SLOW = 8
 
 class LoopLag:
     """How late the event loop wakes a sleeping task: the time one scheduling round takes
-    under the current load (exponentially smoothed). ``serve`` keeps it up to date."""
+    under the current load (exponentially smoothed). ``serve`` measures while streams ask
+    for it (``wanted``) and sleeps otherwise, so an idle process (or a mock clock) sees no
+    periodic wake-ups."""
 
     def __init__(self, interval: float = 0.01, smoothing: float = 0.2) -> None:
         self.interval = interval
         self.smoothing = smoothing
         self.current = 0.0
+        self._wanted = trio.Event()
+
+    def wanted(self) -> None:
+        """Ask for a fresh measurement (cheap; called after every chunk sent)."""
+        self._wanted.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
             wake_at = trio.current_time() + self.interval
             await trio.sleep_until(wake_at)
             self.observe(trio.current_time() - wake_at)
@@ -169,6 +178,7 @@ class AdaptiveChunks:
     def sent(self, seconds: float) -> None:
         """The chunk reached the socket after ``seconds``: adapt, and free its bytes."""
         lag = self.lag.current
+        self.lag.wanted()
         if seconds < FAST_SEND + LAG_ROUNDS_FAST * lag:
             self.size = min(self.maximum, self.size * 2)
         elif seconds > SLOW_SEND + LAG_ROUNDS_SLOW * lag:

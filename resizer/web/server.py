@@ -12,9 +12,15 @@ from ..transform.base import Transformer
 from .app import create_app
 
 
-def hypercorn_config(config: Config, *, port: int | None = None) -> HypercornConfig:
+def hypercorn_config(
+    config: Config, *, port: int | None = None, fd: int | None = None
+) -> HypercornConfig:
+    """``fd``: an inherited listening socket (a worker of ``workers.Supervisor``)."""
     hc = HypercornConfig()
-    hc.bind = [f"{config.server.host}:{config.server.port if port is None else port}"]
+    if fd is not None:
+        hc.bind = [f"fd://{fd}"]
+    else:
+        hc.bind = [f"{config.server.host}:{config.server.port if port is None else port}"]
     hc.graceful_timeout = config.server.graceful_timeout
     hc.backlog = config.server.backlog
     hc.keep_alive_timeout = config.server.keep_alive_timeout
@@ -27,6 +33,7 @@ async def serve_resizer(
     config: Config,
     *,
     port: int | None = None,
+    fd: int | None = None,
     task_status: trio.TaskStatus[tuple[Service, list[str]]] = trio.TASK_STATUS_IGNORED,
     shutdown_trigger: trio.Event | None = None,
     transformer: Transformer | None = None,
@@ -40,7 +47,7 @@ async def serve_resizer(
         trio.open_nursery() as nursery,
     ):
         binds: list[str] = await nursery.start(
-            _serve_http, service, hypercorn_config(config, port=port), shutdown_trigger
+            _serve_http, service, hypercorn_config(config, port=port, fd=fd), shutdown_trigger
         )
         task_status.started((service, binds))
 

@@ -1,0 +1,191 @@
+"""``[server] workers``: several processes on one socket, supervised (real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from resizer.config import load_config
+from resizer.errors import ConfigError
+from tests.media import make_test_video
+from tests.server import server_config_text
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Supervised:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def workers(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()]
+
+    def metrics_dir(self) -> Path:
+        environ = Path(f"/proc/{self.workers()[0]}/environ").read_bytes().split(b"\0")
+        found = [e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+        return Path(found[0].split(b"=", 1)[1].decode())
+
+
+def running(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_healthy(url: str) -> None:
+    async with httpx.AsyncClient(timeout=1) as client:
+        with trio.fail_after(30):
+            while True:
+                try:
+                    if (await client.get(f"{url}/healthz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.1)
+
+
+async def wait_for_workers(server: Supervised, count: int) -> list[int]:
+    with trio.fail_after(30):
+        while True:
+            if len(pids := server.workers()) == count:
+                return pids
+            await trio.sleep(0.05)
+
+
+@pytest.fixture
+async def supervised(tmp_path: Path) -> AsyncIterator[Supervised]:
+    """``resizer serve --workers 2`` on a free port, stopped with SIGTERM afterwards."""
+    media = tmp_path / "media"
+    media.mkdir()
+    make_test_video(media / "clip.mp4", 320, 240, seconds=2)
+    config = tmp_path / "resizer.toml"
+    config.write_text(server_config_text(media, tmp_path / "cache"))
+    port = free_port()
+    process = subprocess.Popen(  # noqa: ASYNC220 - started and stopped around the test
+        [
+            sys.executable,
+            *("-m", "resizer", "serve", "--config", str(config)),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Supervised(f"http://127.0.0.1:{port}", process)
+    try:
+        await wait_healthy(server.url)
+        await wait_for_workers(server, 2)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=30)
+
+
+def scrape(text: str, name: str) -> float:
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+async def test_two_workers_share_the_socket_the_cache_and_the_metrics(
+    supervised: Supervised,
+) -> None:
+    """Requests on many connections reach both workers; one transform; /metrics sums both."""
+    bodies = []
+    # A fresh connection per request, so the kernel spreads them over both workers.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        before = (await client.get(f"{supervised.url}/metrics")).text
+
+        async def fetch() -> None:
+            response = await client.get(f"{supervised.url}/videos/clip.mp4?width=160")
+            assert response.status_code == 200
+            bodies.append(response.content)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(fetch)
+        for _ in range(28):
+            await fetch()
+        metrics = (await client.get(f"{supervised.url}/metrics")).text
+    assert len(bodies) == 40
+    assert len(set(bodies)) == 1
+    assert scrape(metrics, "resizer_transforms_total") == 1
+    answered = 'resizer_requests_total{method="GET",status="200"}'
+    # The 40 requests, and the first /metrics call (counted once it was answered).
+    assert scrape(metrics, answered) - scrape(before, answered) == 41
+    files = {path.name for path in supervised.metrics_dir().iterdir()}
+    for pid in supervised.workers():  # both workers answered some of them
+        assert f"counter_{pid}.db" in files
+
+
+async def test_a_worker_that_dies_is_replaced(supervised: Supervised) -> None:
+    """SIGKILL one worker: the supervisor starts another and the service keeps answering."""
+    first, second = supervised.workers()
+    os.kill(first, signal.SIGKILL)
+    with trio.fail_after(30):
+        while True:
+            workers = supervised.workers()
+            if len(workers) == 2 and first not in workers:
+                break
+            await trio.sleep(0.05)
+    assert second in workers
+    await wait_healthy(supervised.url)
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(6):
+            response = await client.get(f"{supervised.url}/videos/clip.mp4?width=160")
+            assert response.status_code == 200
+
+
+async def test_sigterm_stops_every_worker_and_removes_the_metrics_folder(
+    supervised: Supervised,
+) -> None:
+    """The supervisor forwards SIGTERM, waits for its workers and cleans up after them."""
+    workers = supervised.workers()
+    metrics_dir = supervised.metrics_dir()
+    supervised.process.send_signal(signal.SIGTERM)
+    with trio.fail_after(30):
+        while True:
+            if supervised.process.poll() is not None:
+                break
+            await trio.sleep(0.05)
+    assert supervised.process.returncode == 0
+    assert not [pid for pid in workers if running(pid)]
+    assert not metrics_dir.exists()
+
+
+def test_the_worker_count_is_validated() -> None:
+    """workers = 0, absurdly many, or several without a disk cache: errors naming the key."""
+    for workers in (0, 65):
+        with pytest.raises(ConfigError) as caught:
+            load_config(
+                text=server_config_text(Path("m"), Path("c")).replace(
+                    "port = 0", f"workers = {workers}"
+                ),
+                env={},
+            )
+        assert [key for key, _ in caught.value.problems] == ["server.workers"]
+    memory = server_config_text(Path("m"), Path("c")).replace('"disk"', '"memory"')
+    with pytest.raises(ConfigError, match=r"need cache\.backend = disk"):
+        load_config(text=memory.replace("port = 0", "workers = 2"), env={})
