@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -19,7 +18,7 @@ from .log import configure_logging
 from .samples import ensure_sample_media
 from .transform.runner import resolve_ffmpeg
 from .web.server import serve_resizer
-from .web.workers import run_supervisor
+from .web.workers import run_supervisor, stop_on_signal
 
 log = structlog.get_logger(__name__)
 
@@ -103,15 +102,7 @@ def _prepare_default_media(config: Config) -> None:
 async def _serve_until_signal(config: Config, *, fd: int | None = None) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-
-        async def wait_for_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("shutting down", signal=signal.Signals(signum).name)
-                    stop.set()
-                    return
-
-        nursery.start_soon(wait_for_signal)
+        nursery.start_soon(stop_on_signal, stop)
         _, binds = await nursery.start(partial(serve_resizer, config, fd=fd, shutdown_trigger=stop))
         for bind in binds:
             log.info("serving", url=bind)

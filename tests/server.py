@@ -57,3 +57,12 @@ async def start_server(
     url = binds[0]
     host, port = url.removeprefix("http://").rsplit(":", 1)
     return RunningServer(url=url, service=service, host=host, port=int(port))
+
+
+def scrape(text: str, name: str) -> float:
+    """The sum of a metric's samples (all label sets) in a /metrics text."""
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )

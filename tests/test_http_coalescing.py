@@ -20,7 +20,7 @@ import trio
 from resizer.options import cache_key, parse_options
 from resizer.transform.fake import FakeTransformer, fake_output
 from tests.media import ffmpeg_banner, make_test_video
-from tests.server import RunningServer, server_config, server_config_text, start_server
+from tests.server import RunningServer, scrape, server_config, server_config_text, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -299,14 +299,6 @@ async def two_server_processes(clips: Path, tmp_path: Path) -> AsyncIterator[lis
             process.terminate()
         for process in processes:
             process.wait(timeout=10)
-
-
-def scrape(text: str, name: str) -> float:
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
 
 
 async def test_two_processes_sharing_a_cache_transcode_once(

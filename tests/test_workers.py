@@ -18,7 +18,7 @@ import trio
 from resizer.config import load_config
 from resizer.errors import ConfigError
 from tests.media import make_test_video
-from tests.server import server_config_text
+from tests.server import scrape, server_config_text
 
 pytestmark = pytest.mark.integration
 
@@ -98,14 +98,6 @@ async def supervised(tmp_path: Path) -> AsyncIterator[Supervised]:
         if process.poll() is None:
             process.terminate()
         process.wait(timeout=30)
-
-
-def scrape(text: str, name: str) -> float:
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
 
 
 async def test_two_workers_share_the_socket_the_cache_and_the_metrics(

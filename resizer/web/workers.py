@@ -146,6 +146,22 @@ class Supervisor:
             await process.wait()
 
 
+async def stop_on_signal(stop: trio.Event) -> None:
+    """Set ``stop`` at the first SIGINT or SIGTERM (or when ``stop`` is set otherwise)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                async for signum in signals:
+                    log.info("shutting down", signal=signal.Signals(signum).name)
+                    break
+                stop.set()
+
+            nursery.start_soon(receive)
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+
+
 def run_supervisor(config: Config, config_path: Path | None) -> int:
     """Serve with ``config.server.workers`` processes until SIGINT/SIGTERM."""
 
@@ -153,15 +169,7 @@ def run_supervisor(config: Config, config_path: Path | None) -> int:
         supervisor = Supervisor(config, config_path, config.server.workers)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
-
-            async def wait_for_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("shutting down", signal=signal.Signals(signum).name)
-                        stop.set()
-                        return
-
-            nursery.start_soon(wait_for_signal)
+            nursery.start_soon(stop_on_signal, stop)
             url = await nursery.start(supervisor.serve, stop)
             log.info("serving", url=url, workers=supervisor.workers)
         return 1 if supervisor.failed_starts >= MAX_FAILED_STARTS else 0
