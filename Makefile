@@ -31,10 +31,11 @@ unit: install
 test: lint unit
 
 # Starts a server with the scenario's configuration, loads it, writes
-# loadtest/results/$(SCENARIO)/report.md (+ result.json, plots). DURATION/CONCURRENCY override.
+# loadtest/results/$(SCENARIO)/report.md (+ result.json, plots). DURATION/CONCURRENCY/WORKERS override.
 loadtest: install
 	$(BIN)/python -m loadtest.driver $(SCENARIO) \
-		$(if $(DURATION),--duration $(DURATION)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY))
+		$(if $(DURATION),--duration $(DURATION)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
+		$(if $(WORKERS),--workers $(WORKERS))
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache

@@ -64,6 +64,7 @@ class Scenario:
     # The other requests pick among this many keys nobody asked for before the run: each
     # is a miss the first time and a hit afterwards, as with real traffic (0: never repeat).
     cold_keys: int = 200
+    workers: int = 1  # resizer worker processes (and nginx's, in versus-nginx)
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +80,7 @@ SCENARIOS: dict[str, Scenario] = {
     "stress": Scenario(
         "stress", "1000 concurrent connections on cached keys, 20% of them byte ranges.",
         concurrency=1000, duration=60.0, sizes_mb=(1, 10), hit_ratio=1.0, range_ratio=0.2,
+        params={"max_rss_mb": 96},  # the plan's goal with 1000 open streams
     ),
     "endurance": Scenario(
         "endurance", "200 clients for a long time: RSS, descriptors and tasks must stay flat.",
@@ -107,7 +109,9 @@ SCENARIOS: dict[str, Scenario] = {
 def make_source(size_mb: int) -> Path:
     """An H.264 MP4 of about ``size_mb`` MB (20 s of 1280x720 at the needed bitrate)."""
     MEDIA_DIR.mkdir(exist_ok=True)
-    path = MEDIA_DIR / f"source-{size_mb}mb.mp4"
+    # A keyframe every 2 s, like web video (x264's default of 10 s made every frame miss
+    # decode up to 250 frames).
+    path = MEDIA_DIR / f"source-{size_mb}mb-gop2s.mp4"
     if path.exists():
         return path
     seconds = 20
@@ -115,7 +119,7 @@ def make_source(size_mb: int) -> Path:
     argv = [resolve_ffmpeg(None), "-hide_banner", "-loglevel", "error", "-y"]
     argv += ["-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=25:duration={seconds}"]
     argv += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}"]
-    argv += ["-c:v", "libx264", "-preset", "ultrafast", "-b:v", f"{kbps}k"]
+    argv += ["-c:v", "libx264", "-preset", "ultrafast", "-g", "50", "-b:v", f"{kbps}k"]
     argv += ["-maxrate", f"{kbps}k", "-bufsize", f"{kbps}k", "-c:a", "aac", "-b:a", "64k"]
     partial = path.with_suffix(".partial.mp4")
     subprocess.run([*argv, str(partial)], check=True)
@@ -148,6 +152,7 @@ def running_server(scenario: Scenario, work: Path) -> Iterator[Server]:
         f"""
 [server]
 host = "127.0.0.1"
+workers = {scenario.workers}
 [cache]
 path = "{cache}"
 read_chunk = "{scenario.read_chunk}"
@@ -195,8 +200,20 @@ root = "{MEDIA_DIR}"
         log.close()
 
 
-def sample_process(pid: int) -> dict[str, int]:
-    """RSS, open descriptors, sockets and ffmpeg children of ``pid`` (from /proc)."""
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+def _is_ffmpeg(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+        return b"ffmpeg" in raw[: raw.rindex(b")")]
+    return False
+
+
+def _rss_and_descriptors(pid: int) -> tuple[int, int, int]:
     rss = 0
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -208,15 +225,25 @@ def sample_process(pid: int) -> dict[str, int]:
             fds += 1
             with contextlib.suppress(OSError):
                 sockets += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-    ffmpeg = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            raw = Path(f"/proc/{entry}/stat").read_bytes()
-            parent = int(raw[raw.rindex(b")") + 2 :].split()[1])
-            ffmpeg += parent == pid and b"ffmpeg" in raw[: raw.rindex(b")")]
-    return {"rss_bytes": rss, "open_fds": fds, "connections": sockets, "ffmpeg": ffmpeg}
+    return rss, fds, sockets
+
+
+def sample_process(pid: int) -> dict[str, Any]:
+    """RSS, open descriptors, sockets and ffmpeg children of the server ``pid`` (from /proc).
+
+    With several workers ``pid`` is their supervisor: RSS is given per worker (and summed),
+    descriptors and sockets are summed over the workers, ffmpeg counts their children.
+    """
+    workers = [child for child in _children(pid) if not _is_ffmpeg(child)] or [pid]
+    measured = [_rss_and_descriptors(worker) for worker in workers]
+    ffmpeg = sum(_is_ffmpeg(child) for worker in workers for child in _children(worker))
+    return {
+        "rss_bytes": sum(rss for rss, _, _ in measured),
+        "rss_per_worker": [rss for rss, _, _ in measured],
+        "open_fds": sum(fds for _, fds, _ in measured),
+        "connections": sum(sockets for _, _, sockets in measured),
+        "ffmpeg": ffmpeg,
+    }
 
 
 async def scrape_metrics(client: httpx.AsyncClient, url: str) -> dict[str, float]:
@@ -508,7 +535,7 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def running_nginx(server: Server) -> Iterator[Nginx]:
+def running_nginx(server: Server, workers: int = 1) -> Iterator[Nginx]:
     """nginx (static files, sendfile) serving the very bytes resizer has cached."""
     work = server.cache.parent
     root = work / "nginx-root"
@@ -523,7 +550,7 @@ def running_nginx(server: Server) -> Iterator[Nginx]:
     conf = work / "nginx.conf"
     conf.write_text(
         f"""
-worker_processes 1;
+worker_processes {workers};
 pid {work / "nginx.pid"};
 error_log {work / "nginx-error.log"};
 events {{ worker_connections 4096; }}
@@ -609,7 +636,7 @@ def run_scenario(scenario: Scenario, out_dir: Path, seed: int = 20261127) -> Pat
     with running_server(scenario, work) as server:
         measured = trio.run(drive, scenario, server, seed)
         if scenario.nginx:
-            with running_nginx(server) as nginx:
+            with running_nginx(server, scenario.workers) as nginx:
                 measured["nginx"] = trio.run(drive_nginx, scenario, nginx, seed)
     result = {
         "scenario": scenario.name,
@@ -630,7 +657,7 @@ def run_scenario(scenario: Scenario, out_dir: Path, seed: int = 20261127) -> Pat
             "cold_keys": scenario.cold_keys,
             **scenario.params,
         },
-        "workers": 1,
+        "workers": scenario.workers,
         **measured,
     }
     shutil.rmtree(work, ignore_errors=True)
@@ -642,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--duration", type=float, help="seconds of load")
     parser.add_argument("--concurrency", type=int, help="concurrent clients")
+    parser.add_argument("--workers", type=int, help="resizer worker processes")
     parser.add_argument("--out", type=Path, help="report folder (default loadtest/results/NAME)")
     args = parser.parse_args(argv)
     scenario = SCENARIOS[args.scenario]
@@ -649,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario.duration = args.duration
     if args.concurrency is not None:
         scenario.concurrency = args.concurrency
+    if args.workers is not None:
+        scenario.workers = args.workers
     report = run_scenario(scenario, args.out or RESULTS_DIR / scenario.name)
     print(report.read_text())
     return 0
