@@ -2,7 +2,8 @@
 
     python -m loadtest.benchmarks > /tmp/tables.md
 
-Reads loadtest/results/<scenario>/result.json (written by the driver); prints Markdown.
+Reads every loadtest/results/<run>/result.json (written by the driver; a run folder is the
+scenario's name or, with ``--out``, any name starting with it); prints Markdown.
 """
 
 from __future__ import annotations
@@ -21,16 +22,29 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value * 1000:.0f}"
 
 
+def command(result: dict[str, Any]) -> str:
+    """The make command that reproduces ``result`` (defaults left out)."""
+    from .driver import SCENARIOS
+
+    params = result["params"]
+    default = SCENARIOS[result["scenario"]]
+    words = [f"make loadtest SCENARIO={result['scenario']}"]
+    if params["duration"] != default.duration:
+        words.append(f"DURATION={params['duration']:g}")
+    if params["concurrency"] != default.concurrency:
+        words.append(f"CONCURRENCY={params['concurrency']}")
+    if result.get("workers", 1) != default.workers:
+        words.append(f"WORKERS={result['workers']}")
+    return " ".join(words)
+
+
 def tables(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| scenario | clients | s | req/s | MB/s | errors | hit rate after warm-up "
-        "| fetches / transforms | peak RSS MB | TTFB P50/P95/P99 ms by status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | clients | workers | s | req/s | MB/s | errors | hit rate after warm-up "
+        "| fetches / transforms | peak RSS per worker MB | TTFB P50/P95/P99 ms by status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ORDER:
-        if name not in results:
-            continue
-        result = results[name]
+    for name, result in results.items():
         s = result["summary"]
         latency = "; ".join(
             f"{status} " + "/".join(_ms(row["ttfb"][p]) for p in ("p50", "p95", "p99"))
@@ -38,30 +52,55 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
         )
         hit_rate = s["hit_rate_after_warmup"]
         lines.append(
-            f"| {name} | {s['concurrency']} | {s['duration_s']:.0f} | {s['rps']:.0f} "
+            f"| {name} | {s['concurrency']} | {s['workers']} | {s['duration_s']:.0f} "
+            f"| {s['rps']:.0f} "
             f"| {s['mb_per_s']:.1f} | {s['error_rate'] * 100:.2f} % "
             f"| {'—' if hit_rate is None else f'{hit_rate * 100:.1f} %'} "
             f"| {s['origin_fetches']:.0f} / {s['transforms']:.0f} "
             f"| {s['resources']['peak_rss_per_worker_bytes'] / 1e6:.0f} | {latency} |"
         )
     lines.append("")
-    for name in ORDER:
-        if name not in results:
-            continue
-        lines.append(f"**{name}** ({results[name]['command']}):")
-        for check, passed, detail in success_checks(results[name]["summary"]):
+    for name, result in results.items():
+        lines.append(f"**{name}** (`{command(result)}`):")
+        for check, passed, detail in success_checks(result["summary"]):
             lines.append(f"- {'PASS' if passed else 'FAIL'}: {check} — {detail}")
         lines.append("")
     return "\n".join(lines)
 
 
+def nginx_table(results: dict[str, dict[str, Any]]) -> str:
+    """resizer vs nginx on the same cached bytes, one row per versus-nginx run."""
+    lines = [
+        "| run | clients | workers (each) | resizer MB/s | nginx MB/s | ratio "
+        "| resizer TTFB P50/P95 ms | nginx TTFB P50/P95 ms | resizer peak RSS per worker MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        s = result["summary"]
+        if not s.get("nginx"):
+            continue
+        n = s["nginx"]
+
+        def ttfb(summary: dict[str, Any]) -> str:
+            hits = summary["latency"].get("HIT", {}).get("ttfb", {})
+            return f"{_ms(hits.get('p50'))} / {_ms(hits.get('p95'))}"
+
+        lines.append(
+            f"| {name} | {s['concurrency']} | {s['workers']} | {s['mb_per_s']:.0f} "
+            f"| {n['mb_per_s']:.0f} | {s['ratios']['throughput_ratio']:.2f} | {ttfb(s)} "
+            f"| {ttfb(n)} | {s['resources']['peak_rss_per_worker_bytes'] / 1e6:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     results = {}
-    for name in ORDER:
-        path = RESULTS / name / "result.json"
-        if path.exists():
-            results[name] = json.loads(path.read_text())
+    for scenario in ORDER:
+        for path in sorted(RESULTS.glob(f"{scenario}*/result.json")):
+            if path.parent.name not in results:
+                results[path.parent.name] = json.loads(path.read_text())
     print(tables(results))
+    print(nginx_table(results))
     return 0
 
 

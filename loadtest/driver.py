@@ -201,9 +201,13 @@ root = "{MEDIA_DIR}"
 
 
 def _children(pid: int) -> list[int]:
+    # Per thread: trio starts subprocesses from worker threads.
+    found: list[int] = []
     with contextlib.suppress(OSError):
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                found += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return found
 
 
 def _is_ffmpeg(pid: int) -> bool:
@@ -679,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario.concurrency = args.concurrency
     if args.workers is not None:
         scenario.workers = args.workers
-    report = run_scenario(scenario, args.out or RESULTS_DIR / scenario.name)
+    # Absolute: nginx resolves a relative -c path against its own prefix.
+    report = run_scenario(scenario, (args.out or RESULTS_DIR / scenario.name).resolve())
     print(report.read_text())
     return 0
 

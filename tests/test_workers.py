@@ -29,8 +29,12 @@ class Supervised:
     process: subprocess.Popen[bytes]
 
     def workers(self) -> list[int]:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in children.read_text().split()]
+        pid = self.process.pid
+        return [  # per thread: trio may start subprocesses from a worker thread
+            int(child)
+            for task in os.listdir(f"/proc/{pid}/task")
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        ]
 
     def metrics_dir(self) -> Path:
         environ = Path(f"/proc/{self.workers()[0]}/environ").read_bytes().split(b"\0")
