@@ -98,7 +98,9 @@ SCENARIOS: dict[str, Scenario] = {
     "versus-nginx": Scenario(
         "versus-nginx", "The same cached bytes served by resizer and by nginx under one load.",
         concurrency=500, duration=30.0, sizes_mb=(10,), hit_ratio=1.0, nginx=True,
-        hit_query="width=960&duration=8s",  # a cached file of about 2 MB
+        hit_query="width=960&duration=8s",  # a cached file of about 1.1 MB
+        # One worker per core for both, like nginx's `worker_processes auto`.
+        workers=os.cpu_count() or 1,
     ),
 }  # fmt: skip
 
