@@ -151,6 +151,7 @@ class Service:
         Both start at once: a hit cancels the resolution (it never waits for an origin), and
         a miss does not pay for the lookup and the origin's answer one after the other.
         Resolution errors (404, 502...) only count on a miss: raised, or left in ``error``.
+        A hot entry the cache recalls from memory answers at once, starting no origin check.
         """
         outcome = Lookup(key, self.recall(key))
         if outcome.entry is not None:
