@@ -22,6 +22,10 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value * 1000:.0f}"
 
 
+def _number(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
 def command(result: dict[str, Any]) -> str:
     """The make command that reproduces ``result`` (defaults left out)."""
     from .driver import SCENARIOS
@@ -72,8 +76,9 @@ def nginx_table(results: dict[str, dict[str, Any]]) -> str:
     """resizer vs nginx on the same cached bytes, one row per versus-nginx run."""
     lines = [
         "| run | clients | workers (each) | resizer MB/s | nginx MB/s | ratio "
-        "| resizer TTFB P50/P95 ms | nginx TTFB P50/P95 ms | resizer peak RSS per worker MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| resizer TTFB P50/P95 ms | nginx TTFB P50/P95 ms | server CPU ms/request resizer / nginx "
+        "| resizer peak RSS per worker MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
         s = result["summary"]
@@ -88,7 +93,9 @@ def nginx_table(results: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"| {name} | {s['concurrency']} | {s['workers']} | {s['mb_per_s']:.0f} "
             f"| {n['mb_per_s']:.0f} | {s['ratios']['throughput_ratio']:.2f} | {ttfb(s)} "
-            f"| {ttfb(n)} | {s['resources']['peak_rss_per_worker_bytes'] / 1e6:.0f} |"
+            f"| {ttfb(n)} | {_number(s.get('cpu_ms_per_request'))} / "
+            f"{_number(n.get('cpu_ms_per_request'), 2)} "
+            f"| {s['resources']['peak_rss_per_worker_bytes'] / 1e6:.0f} |"
         )
     return "\n".join(lines)
 

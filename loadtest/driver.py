@@ -219,6 +219,14 @@ def _is_ffmpeg(pid: int) -> bool:
     return False
 
 
+def _cpu_seconds(pid: int) -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def _rss_and_descriptors(pid: int) -> tuple[int, int, int]:
     rss = 0
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
@@ -249,6 +257,7 @@ def sample_process(pid: int) -> dict[str, Any]:
         "open_fds": sum(fds for _, fds, _ in measured),
         "connections": sum(sockets for _, _, sockets in measured),
         "ffmpeg": ffmpeg,
+        "cpu_seconds": sum(_cpu_seconds(worker) for worker in workers),
     }
 
 
@@ -418,11 +427,12 @@ async def run_load(
     rng: random.Random,
     records: list[dict[str, Any]],
     counters: dict[str, float],
-) -> float:
+) -> tuple[float, float]:
     """Warm the cache, then run the scenario's clients against ``base``.
 
-    Fills ``counters`` with the server's counters after the warm-up; returns the load
-    phase's wall time.
+    Fills ``counters`` with the server's counters after the warm-up; returns when the load
+    phase started (``trio.current_time()``; requests' ``t`` count from there) and its wall
+    time.
     """
     warmed, fresh = plan_targets(scenario, rng)
     limits = httpx.Limits(max_connections=scenario.concurrency + 10, max_keepalive_connections=None)
@@ -448,7 +458,7 @@ async def run_load(
                     nursery.start_soon(storm_client)
             elapsed = trio.current_time() - origin
             await lean.aclose()
-            return elapsed
+            return origin, elapsed
         deadline = origin + scenario.duration
 
         async def loop_client() -> None:
@@ -478,7 +488,7 @@ async def run_load(
                 nursery.start_soon(loop_client)
         elapsed = trio.current_time() - origin
         await lean.aclose()  # so the last samples show the server's own descriptors
-        return elapsed
+        return origin, elapsed
 
 
 @contextlib.asynccontextmanager
@@ -505,9 +515,11 @@ async def drive(scenario: Scenario, server: Server, seed: int) -> dict[str, Any]
     async with httpx.AsyncClient(timeout=30) as control:
         origin = trio.current_time()
         async with sampling(server.process.pid, origin, samples):
-            duration = await run_load(scenario, server.url, rng, records, before)
+            load_origin, duration = await run_load(scenario, server.url, rng, records, before)
             await trio.sleep(2.0)  # let abandoned work finish so the last samples show it
         after = await scrape_metrics(control, server.url)
+    for sample in samples:  # on the requests' clock: the warm-up gets negative times
+        sample["t"] -= load_origin - origin
     return {
         "requests": records,
         "samples": samples,

@@ -150,6 +150,29 @@ def throughput_summary(
     }
 
 
+def cpu_ms_per_request(
+    requests: Sequence[dict[str, Any]], samples: Sequence[dict[str, Any]]
+) -> float | None:
+    """Server CPU time (user + system, all workers) per request, over the samples that
+    bracket the load: an efficiency figure that moves less with machine noise than
+    throughput does on a shared host."""
+    timed = [s for s in samples if s.get("cpu_seconds") is not None]
+    if not requests or len(timed) < 2:
+        return None
+    start = min(float(r.get("t") or 0.0) for r in requests)
+    before = [s for s in timed if float(s["t"]) <= start]
+    first = before[-1] if before else timed[0]
+    last = timed[-1]
+    window = [
+        r
+        for r in requests
+        if float(first["t"]) <= float(r.get("t") or 0.0)
+        and float(r.get("t") or 0.0) + float(r.get("total") or 0.0) <= float(last["t"])
+    ]
+    seconds = float(last["cpu_seconds"]) - float(first["cpu_seconds"])
+    return ratio(seconds * 1000, len(window))
+
+
 def hit_rate(requests: Iterable[dict[str, Any]], since_s: float = 0.0) -> float | None:
     """Share of HITs among successful requests started at or after ``since_s``.
 
@@ -219,6 +242,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     peak_in_flight = max_concurrent(requests)
 
     summary = throughput_summary(requests, result.get("duration_s"))
+    summary["cpu_ms_per_request"] = cpu_ms_per_request(requests, samples)
     summary.update(
         {
             "workers": workers,
@@ -247,6 +271,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         nginx_requests: list[dict[str, Any]] = nginx.get("requests") or []
         nginx_summary = throughput_summary(nginx_requests, nginx.get("duration_s"))
         nginx_summary["max_concurrent"] = max_concurrent(nginx_requests)
+        nginx_summary["cpu_ms_per_request"] = cpu_ms_per_request(
+            nginx_requests, nginx.get("samples") or []
+        )
         nginx_summary["resources"] = resource_summary(nginx.get("samples") or [], 1, 0.0)
         summary["nginx"] = nginx_summary
         summary["ratios"] = nginx_ratios(summary, nginx_summary)
@@ -423,6 +450,7 @@ def throughput_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("requests/s", number(summary["rps"])),
         ("MB/s", number(summary["mb_per_s"])),
         ("max concurrent requests", str(summary.get("max_concurrent", "—"))),
+        ("server CPU per request (ms)", number(summary.get("cpu_ms_per_request"))),
     ]
 
 

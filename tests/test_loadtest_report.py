@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from loadtest.report import (
+    cpu_ms_per_request,
     is_error,
     max_concurrent,
     percentile,
@@ -322,3 +323,19 @@ def test_cli_writes_the_report(tmp_path: Path) -> None:
     recorded = json.loads((tmp_path / "out" / "result.json").read_text())
     assert "stale" not in recorded["summary"]
     assert_report_files(tmp_path / "out")
+
+
+def test_server_cpu_per_request_uses_the_samples_around_the_load() -> None:
+    """CPU seconds between the sample before the first request and the last sample, per
+    request finished in between; warm-up CPU (negative times) is left out."""
+    requests = [request(t=0.5 + i, total=0.2) for i in range(10)]
+    requests.append(request(t=11.5, total=1.0))  # ends after the last sample: not counted
+    samples = [
+        {**sample(-3.0, 50), "cpu_seconds": 1.0},  # warm-up
+        {**sample(0.0, 50), "cpu_seconds": 4.0},
+        {**sample(6.0, 50), "cpu_seconds": 4.5},
+        {**sample(12.0, 50), "cpu_seconds": 5.0},
+    ]
+    assert cpu_ms_per_request(requests, samples) == pytest.approx(100.0)
+    assert cpu_ms_per_request(requests, [sample(0.0, 50)]) is None  # older results
+    assert cpu_ms_per_request([], samples) is None
