@@ -17,6 +17,7 @@ import trio
 
 from resizer.config import load_config
 from resizer.errors import ConfigError
+from resizer.web.workers import METRICS_DIR_ENV, Supervisor, bind_listener
 from tests.media import make_test_video
 from tests.server import scrape, server_config_text
 
@@ -185,3 +186,30 @@ def test_the_worker_count_is_validated() -> None:
     memory = server_config_text(Path("m"), Path("c")).replace('"disk"', '"memory"')
     with pytest.raises(ConfigError, match=r"need cache\.backend = disk"):
         load_config(text=memory.replace("port = 0", "workers = 2"), env={})
+
+
+async def test_a_failing_supervisor_leaves_no_worker_behind(tmp_path: Path) -> None:
+    """Cancelled for any reason other than stop, a worker slot still terminates its process
+    (an orphaned worker would keep serving on the inherited socket)."""
+    supervisor = Supervisor(load_config(env={}), None, 1)
+    pid_file = tmp_path / "pid"
+    argv = [
+        sys.executable,
+        "-c",
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
+    ]
+    env = {**os.environ, METRICS_DIR_ENV: str(tmp_path)}
+    with bind_listener("127.0.0.1", 0, 8) as listener:
+        with trio.move_on_after(10) as waited:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    supervisor._run_worker, argv, listener.fileno(), env, trio.Event()
+                )
+                while True:
+                    if pid_file.exists() and pid_file.read_text():
+                        break
+                    await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+    assert not waited.cancelled_caught
+    assert supervisor.running == {}
+    assert not running(int(pid_file.read_text()))

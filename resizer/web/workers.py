@@ -117,6 +117,9 @@ class Supervisor:
                     await process.wait()
                     watch.cancel_scope.cancel()
             finally:
+                if process.returncode is None:  # the supervisor itself is failing
+                    with trio.CancelScope(shield=True):
+                        await self._terminate(process)
                 del self.running[process.pid]
                 multiprocess.mark_process_dead(process.pid, env[METRICS_DIR_ENV])  # type: ignore[no-untyped-call]
             if stop.is_set():
@@ -137,13 +140,17 @@ class Supervisor:
         # Shielded: the supervisor is being cancelled too, and an orphaned worker would keep
         # serving on the inherited socket.
         with trio.CancelScope(shield=True):
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(self.config.server.graceful_timeout + STOP_MARGIN):
-                await process.wait()
-                return
-            log.warning("worker did not stop; killing it", pid=process.pid)
-            process.kill()
+            await self._terminate(process)
+
+    async def _terminate(self, process: trio.Process) -> None:
+        """SIGTERM (the worker shuts down gracefully), then SIGKILL if it takes too long."""
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(self.config.server.graceful_timeout + STOP_MARGIN):
             await process.wait()
+            return
+        log.warning("worker did not stop; killing it", pid=process.pid)
+        process.kill()
+        await process.wait()
 
 
 async def stop_on_signal(stop: trio.Event) -> None:
