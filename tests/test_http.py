@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import subprocess
 from collections.abc import AsyncIterator
@@ -247,6 +249,38 @@ async def test_connection_close_request_gets_a_closed_socket(server: RunningServ
     await stream.aclose()
     assert received.startswith(b"HTTP/1.1 200")
     assert json.loads(received.split(b"\r\n\r\n", 1)[1]) == {"status": "ok"}
+
+
+def open_sockets() -> int:
+    """Sockets this process holds (the in-process server's and the test's own)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+async def test_a_keep_alive_connection_closed_by_the_client_is_released_at_once(
+    server: RunningServer,
+) -> None:
+    """The server closes its end as soon as an idle keep-alive client hangs up, not only
+    when the keep-alive timer fires (hypercorn held the descriptor for that long)."""
+    assert server.service.config.server.keep_alive_timeout >= 5
+    before = open_sockets()
+    stream = await trio.open_tcp_stream(server.host, server.port)
+    await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: {server.host}\r\n\r\n".encode())
+    received = b""
+    with trio.fail_after(10):
+        while not received.endswith(b"}"):
+            received += await stream.receive_some(65536)
+    await trio.sleep(0.2)  # idle: the server's keep-alive timer runs
+    assert open_sockets() == before + 2  # both ends, the connection kept alive
+    await stream.aclose()
+    with trio.fail_after(2):
+        while True:
+            if open_sockets() == before:
+                break
+            await trio.sleep(0.02)
 
 
 async def test_client_leaving_mid_stream_stops_ffmpeg_and_caches_nothing(

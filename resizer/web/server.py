@@ -5,11 +5,26 @@ from __future__ import annotations
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 
 from ..config import Config
 from ..pipeline import Service, open_service
 from ..transform.base import Transformer
 from .app import create_app
+
+_read_data = TCPServer._read_data
+
+
+async def _read_data_then_stop_idle_timer(self: TCPServer) -> None:
+    # hypercorn 0.18 (trio) keeps a connection whose client closed it while idle until the
+    # keep-alive timer fires: the timer task lives in the connection's task group, which
+    # the read loop's end waits for. Every closed keep-alive connection held its descriptor
+    # for keep_alive_timeout (found by the load tests; tests/test_http.py reproduces it).
+    await _read_data(self)
+    await self.idle_task.stop()
+
+
+TCPServer._read_data = _read_data_then_stop_idle_timer  # type: ignore[method-assign]
 
 
 def hypercorn_config(
