@@ -71,7 +71,6 @@ class Supervisor:
     config_path: Path | None
     workers: int
     failed_starts: int = 0
-    started: int = 0
     running: dict[int, trio.Process] = field(default_factory=dict)
 
     async def serve(
@@ -109,7 +108,6 @@ class Supervisor:
             began = trio.current_time()
             process = await trio.lowlevel.open_process(list(argv), pass_fds=(fd,), env=env)
             self.running[process.pid] = process
-            self.started += 1
             log.info("worker started", pid=process.pid)
             try:
                 async with trio.open_nursery() as watch:
