@@ -72,6 +72,9 @@ class CacheConfig:
     # While the budget is spent streams wait their turn; after this long one gets the
     # minimum over budget (clients that stopped reading must not stall the others).
     stream_budget_wait: Duration = Duration(1 * SECONDS)
+    # While streams run, hand freed heap memory back to the OS at most this often (glibc's
+    # malloc_trim; otherwise RSS stays at its peak); 0: never.
+    heap_trim_interval: Duration = Duration(1 * SECONDS)
     fsync: bool = False
     # Downloaded remote sources kept for further variants (least recently used evicted
     # first; files being read are never evicted); 0: download for every transformation.

@@ -15,6 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .concurrency.breaker import BreakerState, CircuitBreaker
+from .concurrency.budget import ByteBudget
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -62,6 +63,25 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
+        self.stream_budget_bytes = Gauge(
+            "resizer_stream_budget_bytes",
+            "Response body bytes held in memory by streams (the stream budget in use)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.streams_waiting = Gauge(
+            "resizer_streams_waiting_for_budget",
+            "Streams waiting for stream budget before their next read",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.stream_budget_overdrafts = Counter(
+            "resizer_stream_budget_overdrafts",
+            "Chunks granted over the stream budget after waiting stream_budget_wait",
+            registry=r,
+        )
+        self._overdrafts_seen = 0
+
         self.breaker_trips = Counter(
             "resizer_circuit_breaker_trips",
             "Times a source's circuit breaker opened",
@@ -75,6 +95,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",  # breakers are per worker: one series per pid
         )
+
+    def budget_changed(self, budget: ByteBudget) -> None:
+        """``ByteBudget.on_change``: keep the stream budget's gauges current."""
+        self.stream_budget_bytes.set(budget.used)
+        self.streams_waiting.set(budget.waiting)
+        if budget.overdrafts != self._overdrafts_seen:
+            self.stream_budget_overdrafts.inc(budget.overdrafts - self._overdrafts_seen)
+            self._overdrafts_seen = budget.overdrafts
 
     def track_breakers(self, breakers: Iterable[CircuitBreaker]) -> None:
         """Export every source's breaker (state 0 until it changes)."""

@@ -25,6 +25,7 @@ from .cache.sources import SourceFileCache
 from .concurrency.budget import AdaptiveChunks, ByteBudget, LoopLag
 from .concurrency.coalescing import Subscription, Work, WorkRegistry
 from .concurrency.groups import unwrap_single_exception
+from .concurrency.heap import HeapTrimmer, find_malloc_trim
 from .config import Config
 from .errors import (
     Forbidden,
@@ -109,8 +110,11 @@ class Service:
         self.failures = FailureCache(time.monotonic)
         self.range_proxy = RangeProxy()  # served by open_service
         self.loop_lag = LoopLag()  # served by open_service
+        self.heap_trimmer = HeapTrimmer(config.cache.heap_trim_interval, find_malloc_trim())
         self.stream_budget = ByteBudget(
-            config.cache.stream_budget, patience=config.cache.stream_budget_wait
+            config.cache.stream_budget,
+            patience=config.cache.stream_budget_wait,
+            on_change=self._budget_changed,
         )
         self.source_files: SourceFileCache | None = None
         if config.cache.source_files_size > 0:
@@ -175,6 +179,10 @@ class Service:
         elif outcome.error is not None and raise_error:
             raise outcome.error
         return outcome
+
+    def _budget_changed(self, budget: ByteBudget) -> None:
+        self.metrics.budget_changed(budget)
+        self.heap_trimmer.wanted()  # streams allocate and free chunks: trim soon
 
     def adaptive_chunks(self) -> AdaptiveChunks:
         """A new stream's chunk sizer, drawing on the process-wide stream budget."""
@@ -489,6 +497,7 @@ async def open_service(
         )
         await services.start(service.range_proxy.serve)
         await services.start(service.loop_lag.serve)
+        await services.start(service.heap_trimmer.serve)
         yield service
         # Leaving the block ends every in-flight work (shutdown): their cleanup is shielded.
         nursery.cancel_scope.cancel()

@@ -43,12 +43,40 @@ async def test_streams_wait_in_turn_while_the_budget_is_spent() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert (granted, budget.waiting, budget.used) == ([], 1, 1 * MiB)
         first.sent(0.02)  # gives its 512 KiB back: the waiting stream takes them
-    assert granted == [512 * KiB]
-    assert (budget.used, budget.peak, budget.overdrafts) == (1 * MiB, 1 * MiB, 0)
+    assert granted == [1 * MiB // 3]  # three streams now: a third each at most
+    assert (budget.used, budget.peak, budget.overdrafts) == (512 * KiB + 1 * MiB // 3, 1 * MiB, 0)
+    first.release()
     second.release()
     third.release()
     third.release()  # idempotent
-    assert budget.used == 0
+    assert (budget.used, budget.streams) == (0, 0)
+
+
+async def test_a_stream_never_asks_for_more_than_its_fair_share() -> None:
+    """With many streams each chunk is capped at budget / streams (never below the minimum)."""
+    budget = ByteBudget(1 * MiB)
+    streams = [AdaptiveChunks(budget, start=512 * KiB, minimum=16 * KiB) for _ in range(8)]
+    sizes = []
+    for chunks in streams:  # each joins, reads one chunk and sends it (neither fast nor slow)
+        sizes.append(await chunks.next_size())
+        chunks.sent(0.02)
+    assert sizes[:3] == [512 * KiB, 512 * KiB, 1 * MiB // 3]
+    assert sizes[-1] == 1 * MiB // 8
+    assert budget.streams == 8
+    budget.streams = 100
+    assert budget.fair_share(16 * KiB) == 16 * KiB  # 10 KiB each would be below the minimum
+
+
+async def test_a_slow_client_gets_what_it_drains_not_a_halving_at_a_time() -> None:
+    """A slow send sizes the next chunk to the client's drain rate (at least halving it)."""
+    chunks = AdaptiveChunks(ByteBudget(64 * MiB), start=1 * MiB, minimum=16 * KiB)
+    assert await chunks.next_size() == 1 * MiB
+    chunks.sent(10.0)  # 100 KiB/s: 5 KiB in the 50 ms slow threshold, so the minimum
+    assert await chunks.next_size() == 16 * KiB
+    quick = AdaptiveChunks(ByteBudget(64 * MiB), start=1 * MiB, minimum=16 * KiB)
+    await quick.next_size()
+    quick.sent(0.06)  # barely slow: drains 853 KiB in 50 ms, but it halves at least
+    assert await quick.next_size() == 512 * KiB
 
 
 async def test_a_partial_grant_goes_to_the_first_waiter() -> None:
@@ -121,7 +149,7 @@ async def test_sends_slowed_by_a_busy_loop_do_not_shrink_chunks() -> None:
     await chunks.next_size()
     chunks.sent(0.040)
     assert await chunks.next_size() == 128 * KiB
-    chunks.sent(0.400)
+    chunks.sent(0.400)  # 128 KiB in 400 ms drains 67 KiB in the 210 ms slow threshold
     assert await chunks.next_size() == 64 * KiB
     idle = AdaptiveChunks(ByteBudget(64 * MiB), start=64 * KiB)  # no lag: 40 ms is slow
     await idle.next_size()
