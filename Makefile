@@ -31,11 +31,12 @@ unit: install
 test: lint unit
 
 # Starts a server with the scenario's configuration, loads it, writes
-# loadtest/results/$(SCENARIO)/report.md (+ result.json, plots). DURATION/CONCURRENCY/WORKERS override.
+# loadtest/results/$(SCENARIO)/report.md (+ result.json, plots). DURATION/CONCURRENCY/WORKERS/MISS_RATE/PLAYBACK override.
 loadtest: install
 	$(BIN)/python -m loadtest.driver $(SCENARIO) \
 		$(if $(DURATION),--duration $(DURATION)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
-		$(if $(WORKERS),--workers $(WORKERS))
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(MISS_RATE),--miss-rate $(MISS_RATE)) \
+		$(if $(PLAYBACK),--playback $(PLAYBACK))
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache

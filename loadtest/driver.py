@@ -22,13 +22,14 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ class Scenario:
     concurrency: int
     duration: float  # seconds of load
     sizes_mb: tuple[int, ...] = (1, 10, 50, 100)
-    hit_ratio: float = 0.5  # share of requests for pre-warmed keys
+    # Share of the clients that replay pre-warmed (cached) keys; the others ask for keys
+    # nobody asked for before the run.
+    hit_ratio: float = 0.5
     range_ratio: float = 0.0  # share of hit requests that ask for a byte range
     abort_ratio: float = 0.0  # share of requests that disconnect mid-body
     storm: bool = False  # every client asks for one uncached key at once, once
@@ -64,6 +67,18 @@ class Scenario:
     # The other requests pick among this many keys nobody asked for before the run: each
     # is a miss the first time and a hit afterwards, as with real traffic (0: never repeat).
     cold_keys: int = 200
+    # New keys per second, all the cold clients together: each waits a random think time
+    # (Poisson arrivals) before its next request, like a user opening another video. None:
+    # they ask again as soon as answered, which offers far more transcodes than 2 cores run.
+    miss_rate: float | None = None
+    # Hit clients read at this multiple of the variant's bitrate, like a player keeping its
+    # buffer ahead; their streams stay open for most of the clip. None: as fast as they can.
+    playback: float | None = None
+    ramp: float = 0.0  # seconds over which the clients start (evenly), like arriving users
+    cache_config: str = ""  # extra TOML lines for the server's [cache] section
+    # False where clients loop flat out on purpose (saturation, bursts): there TTFB is about
+    # clients / throughput (Little's law), so it is reported, not judged.
+    latency_goals: bool = True
     workers: int = 1  # resizer worker processes (and nginx's, in versus-nginx)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -74,22 +89,27 @@ SCENARIOS: dict[str, Scenario] = {
         concurrency=8, duration=3.0, sizes_mb=(1,), warmup=0.5,
     ),
     "baseline": Scenario(
-        "baseline", "100 concurrent clients, sources of 1-100 MB, half the requests hit.",
-        concurrency=100, duration=60.0,
+        "baseline",
+        "100 concurrent clients, sources of 1-100 MB: half replay cached keys flat out, half"
+        " open new ones (4 new keys/s together).",
+        concurrency=100, duration=60.0, miss_rate=4.0,
     ),
     "stress": Scenario(
-        "stress", "1000 concurrent connections on cached keys, 20% of them byte ranges.",
+        "stress",
+        "1000 concurrent streams of cached video read at 1.5x its bitrate, 20% byte ranges.",
         concurrency=1000, duration=60.0, sizes_mb=(1, 10), hit_ratio=1.0, range_ratio=0.2,
+        hit_query="width=640&duration=10s", playback=1.5, ramp=5.0,
         params={"max_rss_mb": 96},  # the plan's goal with 1000 open streams
     ),
     "endurance": Scenario(
         "endurance", "200 clients for a long time: RSS, descriptors and tasks must stay flat.",
         concurrency=200, duration=180.0, sizes_mb=(1, 10), hit_ratio=0.9, abort_ratio=0.05,
-        warmup=30.0,
+        warmup=30.0, miss_rate=2.0,
     ),
     "storm": Scenario(
         "storm", "N clients ask for the same uncached key at once: 1 fetch, 1 transcode.",
         concurrency=500, duration=0.0, sizes_mb=(10,), storm=True, warmup=0.0, cold_keys=0,
+        latency_goals=False,
     ),
     "abort": Scenario(
         "abort", "Clients disconnect at random points mid-body; resources return to baseline.",
@@ -100,7 +120,7 @@ SCENARIOS: dict[str, Scenario] = {
         concurrency=500, duration=30.0, sizes_mb=(10,), hit_ratio=1.0, nginx=True,
         hit_query="width=960&duration=8s",  # a cached file of about 1.1 MB
         # One worker per core for both, like nginx's `worker_processes auto`.
-        workers=os.cpu_count() or 1,
+        workers=os.cpu_count() or 1, latency_goals=False,
     ),
 }  # fmt: skip
 
@@ -158,6 +178,7 @@ workers = {scenario.workers}
 [cache]
 path = "{cache}"
 read_chunk = "{scenario.read_chunk}"
+{scenario.cache_config}
 [logging]
 level = "warning"
 [limits]
@@ -307,6 +328,15 @@ def plan_targets(scenario: Scenario, rng: random.Random) -> tuple[list[Target], 
     return warmed, fresh
 
 
+def variant_seconds(query: str) -> float | None:
+    """The clip length a hit query asks for (``duration=10s``), to pace players by."""
+    found = re.search(r"(?:^|&)duration=(\d+(?:\.\d+)?)(ms|s)?(?:&|$)", query)
+    if found is None:
+        return None
+    value = float(found.group(1))
+    return value / 1000 if found.group(2) == "ms" else value
+
+
 class LeanClient:
     """A minimal HTTP/1.1 keep-alive client (h11 over trio sockets), one connection per
     in-flight request, pooled. httpx costs ~1-2 ms of CPU per request, which on a 2-core
@@ -329,19 +359,14 @@ class LeanClient:
     ) -> AsyncIterator[tuple[int, dict[str, str], AsyncIterator[bytes]]]:
         import h11
 
-        if self._idle:
-            stream, connection = self._idle.pop()
-        else:
-            stream = await trio.open_tcp_stream(self.host, self.port)
-            connection = h11.Connection(h11.CLIENT)
+        head = [("Host", f"{self.host}:{self.port}"), *headers.items()]
+        request = h11.Request(method="GET", target=path, headers=head)
+        try:
+            stream, connection, response = await self._send_request(request)
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from exc
         reusable = False
         try:
-            head = [("Host", f"{self.host}:{self.port}"), *headers.items()]
-            await stream.send_all(
-                connection.send(h11.Request(method="GET", target=path, headers=head))
-            )
-            await stream.send_all(connection.send(h11.EndOfMessage()))
-            response = await self._next_event(stream, connection)
             if not isinstance(response, h11.Response):
                 raise httpx.RemoteProtocolError("no response")
             fields = {k.decode().lower(): v.decode() for k, v in response.headers}
@@ -371,6 +396,35 @@ class LeanClient:
             else:
                 await trio.aclose_forcefully(stream)
 
+    async def _send_request(self, request: Any) -> tuple[trio.SocketStream, Any, Any]:
+        """Send ``request``, on an idle connection if one is left, and read the response
+        head. Like browsers, it sends again on a new connection when a reused one turns out
+        closed before any response byte: the server may close an idle keep-alive connection
+        just as it is reused (RFC 9112, 9.3.1), and its timer starts when it has sent the
+        last byte, which a slow reader may still be reading seconds later."""
+        import h11
+
+        while self._idle:
+            stream, connection = self._idle.pop()
+            if stream.socket.is_readable():  # closed by the server (or junk): not reusable
+                await trio.aclose_forcefully(stream)
+                continue
+            try:
+                await stream.send_all(connection.send(request))
+                await stream.send_all(connection.send(h11.EndOfMessage()))
+                return stream, connection, await self._next_event(stream, connection)
+            except (OSError, trio.BrokenResourceError, h11.ProtocolError, httpx.HTTPError):
+                await trio.aclose_forcefully(stream)
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        connection = h11.Connection(h11.CLIENT)
+        try:
+            await stream.send_all(connection.send(request))
+            await stream.send_all(connection.send(h11.EndOfMessage()))
+            return stream, connection, await self._next_event(stream, connection)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+
     @staticmethod
     async def _next_event(stream: trio.SocketStream, connection: Any) -> Any:
         import h11
@@ -392,6 +446,7 @@ async def one_request(
     *,
     byte_range: str | None = None,
     abort_after: float | None = None,
+    read_rate: float | None = None,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "t": trio.current_time() - origin,
@@ -410,11 +465,14 @@ async def one_request(
             record["ttfb"] = trio.current_time() - started
             record["status"] = status
             record["cache"] = fields.get("x-cache-status", "ERROR")
+            body_started = trio.current_time()
             async for chunk in body:
                 record["bytes"] += len(chunk)
                 if abort_after is not None and record["bytes"] >= abort_after:
                     record["cache"] = "ABORTED"
                     break
+                if read_rate:  # a player: no faster than it plays (TCP pushes back)
+                    await trio.sleep_until(body_started + record["bytes"] / read_rate)
     except httpx.HTTPError as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"
     record["total"] = trio.current_time() - started
@@ -460,46 +518,91 @@ async def run_load(
             await lean.aclose()
             return origin, elapsed
         deadline = origin + scenario.duration
+        hit_clients = round(scenario.concurrency * scenario.hit_ratio)
+        cold_clients = scenario.concurrency - hit_clients
+        clip_seconds = variant_seconds(scenario.hit_query)
 
-        async def loop_client() -> None:
+        def aborts_after(size: int) -> float | None:
+            if rng.random() >= scenario.abort_ratio:
+                return None
+            return rng.uniform(0, max(size, 20_000)) if size else 1.0
+
+        async def hit_client() -> None:
             while trio.current_time() < deadline:
+                path = rng.choice(warmed).path
+                size = sizes[path]
                 byte_range = None
-                abort_after = None
-                if rng.random() < scenario.hit_ratio:
-                    target = rng.choice(warmed)
-                    path = target.path
-                    size = sizes[path]
-                    if size and rng.random() < scenario.range_ratio:
-                        start = rng.randrange(size)
-                        byte_range = f"bytes={start}-{min(size - 1, start + 65535)}"
-                else:
-                    path = fresh()
-                    size = 0
-                if rng.random() < scenario.abort_ratio:
-                    abort_after = rng.uniform(0, max(size, 20_000)) if size else 1.0
-                records.append(
-                    await one_request(
-                        lean, path, origin, byte_range=byte_range, abort_after=abort_after
-                    )
+                if size and rng.random() < scenario.range_ratio:
+                    start = rng.randrange(size)
+                    byte_range = f"bytes={start}-{min(size - 1, start + 65535)}"
+                read_rate = None
+                if scenario.playback and size and clip_seconds:
+                    read_rate = scenario.playback * size / clip_seconds
+                record = await one_request(
+                    lean,
+                    path,
+                    origin,
+                    byte_range=byte_range,
+                    abort_after=aborts_after(size),
+                    read_rate=read_rate,
                 )
+                records.append(record)
 
+        async def cold_client() -> None:
+            while True:
+                if scenario.miss_rate:  # think, so that arrivals are Poisson at miss_rate
+                    await trio.sleep(rng.expovariate(scenario.miss_rate / cold_clients))
+                if trio.current_time() >= deadline:
+                    return
+                path = fresh()
+                records.append(await one_request(lean, path, origin, abort_after=aborts_after(0)))
+
+        async def arriving(role: Callable[[], Awaitable[None]], index: int) -> None:
+            await trio.sleep(scenario.ramp * index / scenario.concurrency)
+            await role()
+
+        roles = [hit_client] * hit_clients + [cold_client] * cold_clients
+        rng.shuffle(roles)
         async with trio.open_nursery() as nursery:
-            for _ in range(scenario.concurrency):
-                nursery.start_soon(loop_client)
+            for index, role in enumerate(roles):
+                nursery.start_soon(arriving, role, index)
         elapsed = trio.current_time() - origin
         await lean.aclose()  # so the last samples show the server's own descriptors
         return origin, elapsed
 
 
+BUDGET_GAUGES = {
+    "resizer_stream_budget_bytes": "budget_bytes",
+    "resizer_streams_waiting_for_budget": "budget_waiting",
+    "resizer_stream_budget_overdrafts_total": "budget_overdrafts",
+}
+
+
+async def scrape_budget(client: httpx.AsyncClient, url: str) -> dict[str, float]:
+    """The stream budget's gauges (bytes held, streams waiting, overdrafts so far)."""
+    found: dict[str, float] = {}
+    with contextlib.suppress(httpx.HTTPError):
+        for line in (await client.get(f"{url}/metrics")).text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in BUDGET_GAUGES:
+                found[BUDGET_GAUGES[name]] = float(value)
+    return found
+
+
 @contextlib.asynccontextmanager
-async def sampling(pid: int, origin: float, samples: list[dict[str, Any]]) -> AsyncIterator[None]:
+async def sampling(
+    pid: int, origin: float, samples: list[dict[str, Any]], url: str | None = None
+) -> AsyncIterator[None]:
     async def sample_forever() -> None:
-        while True:
-            measured = await trio.to_thread.run_sync(sample_process, pid)
-            sample: dict[str, Any] = {"t": trio.current_time() - origin, **measured}
-            sample["tasks"] = None
-            samples.append(sample)
-            await trio.sleep(0.5)
+        async with httpx.AsyncClient(timeout=5) as client:
+            while True:
+                measured = await trio.to_thread.run_sync(sample_process, pid)
+                sample: dict[str, Any] = {"t": trio.current_time() - origin, **measured}
+                sample["tasks"] = None
+                if url is not None:
+                    sample.update(await scrape_budget(client, url))
+                samples.append(sample)
+                await trio.sleep(0.5)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sample_forever)
@@ -514,7 +617,7 @@ async def drive(scenario: Scenario, server: Server, seed: int) -> dict[str, Any]
     before: dict[str, float] = {}
     async with httpx.AsyncClient(timeout=30) as control:
         origin = trio.current_time()
-        async with sampling(server.process.pid, origin, samples):
+        async with sampling(server.process.pid, origin, samples, server.url):
             load_origin, duration = await run_load(scenario, server.url, rng, records, before)
             await trio.sleep(2.0)  # let abandoned work finish so the last samples show it
         after = await scrape_metrics(control, server.url)
@@ -673,6 +776,11 @@ def run_scenario(scenario: Scenario, out_dir: Path, seed: int = 20261127) -> Pat
             "read_chunk": scenario.read_chunk,
             "hit_query": scenario.hit_query,
             "cold_keys": scenario.cold_keys,
+            "ramp": scenario.ramp,
+            "cache_config": scenario.cache_config,
+            "miss_rate": scenario.miss_rate,
+            "playback": scenario.playback,
+            "latency_goals": scenario.latency_goals,
             **scenario.params,
         },
         "workers": scenario.workers,
@@ -688,6 +796,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds of load")
     parser.add_argument("--concurrency", type=int, help="concurrent clients")
     parser.add_argument("--workers", type=int, help="resizer worker processes")
+    parser.add_argument(
+        "--miss-rate", type=float, help="new keys per second (0: cold clients loop flat out)"
+    )
+    parser.add_argument(
+        "--playback", type=float, help="players read at this x bitrate (0: flat out)"
+    )
     parser.add_argument("--out", type=Path, help="report folder (default loadtest/results/NAME)")
     args = parser.parse_args(argv)
     scenario = SCENARIOS[args.scenario]
@@ -697,6 +811,10 @@ def main(argv: list[str] | None = None) -> int:
         scenario.concurrency = args.concurrency
     if args.workers is not None:
         scenario.workers = args.workers
+    if args.miss_rate is not None:
+        scenario.miss_rate = args.miss_rate or None
+    if args.playback is not None:
+        scenario.playback = args.playback or None
     # Absolute: nginx resolves a relative -c path against its own prefix.
     report = run_scenario(scenario, (args.out or RESULTS_DIR / scenario.name).resolve())
     print(report.read_text())

@@ -250,6 +250,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             # Targets some checks depend on, so that success_checks needs only the summary.
             "concurrency": params.get("concurrency"),
             "max_rss_mb": params.get("max_rss_mb"),
+            "latency_goals": params.get("latency_goals", True),
             # MISS and COALESCED together: every request that waited for a transform.
             "misses": latency_stats(
                 [r for r in requests if is_success(r) and r.get("cache") in MISS_STATUSES]
@@ -302,9 +303,11 @@ def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
     out rather than reported as passed or failed.
     """
     checks: list[tuple[str, bool, str]] = []
+    # A run that saturates the server on purpose reports latency without judging it.
+    judged = summary.get("latency_goals", True)
 
     hit_p95 = summary.get("latency", {}).get(HIT, {}).get("ttfb", {}).get("p95")
-    if hit_p95 is not None:
+    if hit_p95 is not None and judged:
         checks.append(
             (
                 "P95 TTFB of hits < 500 ms",
@@ -314,7 +317,7 @@ def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
         )
 
     miss_p95 = (summary.get("misses") or {}).get("ttfb", {}).get("p95")
-    if miss_p95 is not None:
+    if miss_p95 is not None and judged:
         checks.append(
             (
                 "P95 TTFB of misses < 2 s",
@@ -503,6 +506,14 @@ def render_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
         lines.append(f"- {'PASS' if passed else 'FAIL'}: {name} — {detail}")
     if not checks:
         lines.append("No success metric has data in this run.")
+    if not summary.get("latency_goals", True):
+        lines += [
+            "",
+            "Latency is reported above but not judged here: this scenario's clients ask again"
+            " as soon as they are answered (or all at once), so the server runs saturated and"
+            " time to first byte is about clients ÷ throughput (Little's law) — a throughput"
+            " figure. The latency goals are judged in baseline, stress and endurance.",
+        ]
     lines.append("")
 
     lines += ["## Origin work", ""]
