@@ -11,6 +11,7 @@ from ..config import Config
 from ..pipeline import Service, open_service
 from ..transform.base import Transformer
 from .app import create_app
+from .listeners import use_draining_listeners
 
 _read_data = TCPServer._read_data
 
@@ -25,6 +26,7 @@ async def _read_data_then_stop_idle_timer(self: TCPServer) -> None:
 
 
 TCPServer._read_data = _read_data_then_stop_idle_timer  # type: ignore[method-assign]
+use_draining_listeners()
 
 
 def hypercorn_config(
