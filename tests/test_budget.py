@@ -33,6 +33,8 @@ async def test_streams_wait_in_turn_while_the_budget_is_spent() -> None:
     budget = ByteBudget(1 * MiB)
     first, second, third = (AdaptiveChunks(budget, start=512 * KiB) for _ in range(3))
     assert [await first.next_size(), await second.next_size()] == [512 * KiB, 512 * KiB]
+    assert await third.next_size() == 16 * KiB  # its first chunk: the minimum, over budget
+    third.sent(0.02)
     granted: list[int] = []
 
     async def third_stream() -> None:
@@ -43,8 +45,8 @@ async def test_streams_wait_in_turn_while_the_budget_is_spent() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert (granted, budget.waiting, budget.used) == ([], 1, 1 * MiB)
         first.sent(0.02)  # gives its 512 KiB back: the waiting stream takes them
-    assert granted == [1 * MiB // 3]  # three streams now: a third each at most
-    assert (budget.used, budget.peak, budget.overdrafts) == (512 * KiB + 1 * MiB // 3, 1 * MiB, 0)
+    assert granted == [512 * KiB]
+    assert (budget.used, budget.peak, budget.overdrafts) == (1 * MiB, 1 * MiB + 16 * KiB, 1)
     first.release()
     second.release()
     third.release()
@@ -52,19 +54,27 @@ async def test_streams_wait_in_turn_while_the_budget_is_spent() -> None:
     assert (budget.used, budget.streams) == (0, 0)
 
 
-async def test_a_stream_never_asks_for_more_than_its_fair_share() -> None:
-    """With many streams each chunk is capped at budget / streams (never below the minimum)."""
-    budget = ByteBudget(1 * MiB)
-    streams = [AdaptiveChunks(budget, start=512 * KiB, minimum=16 * KiB) for _ in range(8)]
-    sizes = []
-    for chunks in streams:  # each joins, reads one chunk and sends it (neither fast nor slow)
-        sizes.append(await chunks.next_size())
-        chunks.sent(0.02)
-    assert sizes[:3] == [512 * KiB, 512 * KiB, 1 * MiB // 3]
-    assert sizes[-1] == 1 * MiB // 8
-    assert budget.streams == 8
-    budget.streams = 100
-    assert budget.fair_share(16 * KiB) == 16 * KiB  # 10 KiB each would be below the minimum
+async def test_a_new_stream_starts_at_once_however_spent_the_budget_is() -> None:
+    """A first chunk never queues: the minimum over budget, even with others waiting."""
+    budget = ByteBudget(64 * KiB)
+    holder = AdaptiveChunks(budget, start=64 * KiB)
+    assert await holder.next_size() == 64 * KiB  # holds the whole budget
+    queued = AdaptiveChunks(budget, start=64 * KiB)
+    assert await queued.next_size() == 16 * KiB  # first chunk: over budget, at once
+    queued.sent(0.02)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queued.next_size)  # its second chunk queues
+        await trio.testing.wait_all_tasks_blocked()
+        assert budget.waiting == 1
+        newcomer = AdaptiveChunks(budget, start=256 * KiB)
+        with trio.fail_after(1):
+            assert await newcomer.next_size() == 16 * KiB
+        assert (budget.waiting, budget.used, budget.overdrafts) == (1, 80 * KiB, 2)
+        newcomer.release()
+        holder.release()  # the budget is free again: the queued chunk goes
+    assert (budget.waiting, budget.used) == (0, 64 * KiB)
+    queued.release()
+    assert (budget.used, budget.streams) == (0, 0)
 
 
 async def test_a_slow_client_gets_what_it_drains_not_a_halving_at_a_time() -> None:

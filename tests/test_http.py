@@ -235,6 +235,10 @@ async def test_metrics_count_requests_hits_and_misses(client: httpx.AsyncClient)
     assert float(samples["resizer_cache_misses_total"]) == 1
     assert float(samples['resizer_requests_total{method="GET",status="200"}']) == 2
     assert float(samples["resizer_transforms_total"]) == 1
+    # Both bodies streamed and gave their chunks back to the stream budget.
+    assert float(samples["resizer_stream_budget_bytes"]) == 0
+    assert float(samples["resizer_streams_waiting_for_budget"]) == 0
+    assert float(samples["resizer_stream_budget_overdrafts_total"]) == 0
 
 
 async def test_connection_close_request_gets_a_closed_socket(server: RunningServer) -> None:
