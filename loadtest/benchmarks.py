@@ -15,7 +15,7 @@ from typing import Any
 from .report import success_checks
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ("baseline", "stress", "endurance", "storm", "abort", "versus-nginx")
+ORDER = ("baseline", "stress", "players", "endurance", "storm", "abort", "versus-nginx")
 
 
 def _ms(value: float | None) -> str:
