@@ -32,13 +32,18 @@ def command(result: dict[str, Any]) -> str:
 
     params = result["params"]
     default = SCENARIOS[result["scenario"]]
-    words = [f"make loadtest SCENARIO={result['scenario']}"]
+    environment = [f"{name}={value}" for name, value in (params.get("env") or {}).items()]
+    words = [*environment, f"make loadtest SCENARIO={result['scenario']}"]
     if params["duration"] != default.duration:
         words.append(f"DURATION={params['duration']:g}")
     if params["concurrency"] != default.concurrency:
         words.append(f"CONCURRENCY={params['concurrency']}")
     if result.get("workers", 1) != default.workers:
         words.append(f"WORKERS={result['workers']}")
+    if params.get("miss_rate") != default.miss_rate:
+        words.append(f"MISS_RATE={params.get('miss_rate') or 0:g}")
+    if params.get("playback") != default.playback:
+        words.append(f"PLAYBACK={params.get('playback') or 0:g}")
     return " ".join(words)
 
 

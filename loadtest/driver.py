@@ -107,6 +107,7 @@ SCENARIOS: dict[str, Scenario] = {
         " seconds), 20% byte ranges, arriving over 5 s.",
         concurrency=1000, duration=60.0, sizes_mb=(1, 10), hit_ratio=1.0, range_ratio=0.2,
         hit_query="width=640&duration=10s", playback=1.5, ramp=5.0,
+        params={"max_rss_mb": 96},  # the plan's goal with 1000 open streams
     ),
     "endurance": Scenario(
         "endurance", "200 clients for a long time: RSS, descriptors and tasks must stay flat.",
@@ -789,6 +790,9 @@ def run_scenario(scenario: Scenario, out_dir: Path, seed: int = 20261127) -> Pat
             "miss_rate": scenario.miss_rate,
             "playback": scenario.playback,
             "latency_goals": scenario.latency_goals,
+            "storm": scenario.storm,
+            # Server settings overridden from the environment for this run (RESIZER_*).
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RESIZER_")},
             **scenario.params,
         },
         "workers": scenario.workers,

@@ -258,14 +258,29 @@ def test_success_checks_omit_lines_without_data() -> None:
     assert success_checks(summarize({"requests": [], "samples": []})) == []
 
 
-def test_concurrency_check_only_for_500_plus_clients() -> None:
-    """The 500-per-worker check appears once the scenario offers 500+ clients."""
+def test_concurrency_check_only_for_500_plus_clients_per_worker() -> None:
+    """The 500-per-worker check appears once the scenario offers 500+ clients per worker."""
     result = synthetic_result()
-    result["params"] = {"concurrency": 500}
+    result["params"] = {"concurrency": 1000}
     result["requests"] = [request(t=0.0, total=1.0) for _ in range(1000)]
     result["workers"] = 2
     checks = success_checks(summarize(result))
     assert check(checks, "500+ concurrent requests per worker")
+    result["params"] = {"concurrency": 500}  # 250 per worker offered: no verdict
+    names = [name for name, _, _ in success_checks(summarize(result))]
+    assert "500+ concurrent requests per worker" not in names
+
+
+def test_saturating_runs_report_latency_without_judging_it(tmp_path: Path) -> None:
+    """latency_goals=False drops the TTFB verdicts and says why; a storm has no hit rate."""
+    result = synthetic_result()
+    result["params"] = {"concurrency": 8, "latency_goals": False, "storm": True}
+    names = [name for name, _, _ in success_checks(summarize(result))]
+    assert not any("TTFB" in name for name in names)
+    assert "hit rate > 80 % after warm-up" not in names
+    assert "error rate < 0.1 %" in names
+    report = write_report(result, tmp_path).read_text()
+    assert "not judged here" in report
 
 
 def assert_report_files(out_dir: Path) -> str:
