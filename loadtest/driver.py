@@ -62,7 +62,7 @@ class Scenario:
     storm: bool = False  # every client asks for one uncached key at once, once
     nginx: bool = False  # also run the same hit load against nginx
     warmup: float = 5.0
-    read_chunk: str = "256KiB"
+    read_chunk: str = "64KiB"
     hit_query: str = "width=320&duration=2s"  # the warmed (cached) variant of each source
     # The other requests pick among this many keys nobody asked for before the run: each
     # is a miss the first time and a hit afterwards, as with real traffic (0: never repeat).
