@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -738,6 +739,44 @@ async def drive_nginx(scenario: Scenario, nginx: Nginx, seed: int) -> dict[str, 
     return {"requests": records, "samples": samples, "duration_s": scenario.duration}
 
 
+VERSUS_ROUNDS = 3
+
+
+def drive_versus_nginx(
+    scenario: Scenario, server: Server, seed: int, rounds: int = VERSUS_ROUNDS
+) -> dict[str, Any]:
+    """resizer and nginx in alternating slices of the same load (``rounds`` each, the
+    duration split between them), so that the shared machine's drift, which moved one
+    server's CPU per request by 30 % between runs minutes apart, falls on both alike."""
+    part = dataclasses.replace(scenario, duration=scenario.duration / rounds)
+    # The first slice also warms the cache: nginx then serves the files resizer wrote.
+    resizer = trio.run(drive, part, server, seed)
+    with running_nginx(server, scenario.workers) as nginx:
+        versus = trio.run(drive_nginx, part, nginx, seed)
+        for round_ in range(1, rounds):
+            _append_slice(resizer, trio.run(drive, part, server, seed + round_))
+            _append_slice(versus, trio.run(drive_nginx, part, nginx, seed + round_))
+    resizer["nginx"] = versus
+    return resizer
+
+
+def _append_slice(total: dict[str, Any], part: dict[str, Any]) -> None:
+    """One timeline from consecutive slices: each starts a second after the last sample
+    (or request) of the ones before; durations and counters add up."""
+    ends = [float(s["t"]) for s in total["samples"]]
+    ends += [float(r["t"]) + float(r.get("total") or 0.0) for r in total["requests"]]
+    starts = [float(s["t"]) for s in part["samples"]] + [float(r["t"]) for r in part["requests"]]
+    shift = max(ends, default=0.0) + 1.0 - min(starts, default=0.0)
+    for record in (*part["requests"], *part["samples"]):
+        record["t"] = float(record["t"]) + shift
+    total["requests"] += part["requests"]
+    total["samples"] += part["samples"]
+    total["duration_s"] += part["duration_s"]
+    if "metrics" in total:
+        for name, value in part["metrics"].items():
+            total["metrics"][name] = total["metrics"].get(name, 0.0) + value
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -764,10 +803,10 @@ def run_scenario(scenario: Scenario, out_dir: Path, seed: int = 20261127) -> Pat
     work.mkdir()
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     with running_server(scenario, work) as server:
-        measured = trio.run(drive, scenario, server, seed)
         if scenario.nginx:
-            with running_nginx(server, scenario.workers) as nginx:
-                measured["nginx"] = trio.run(drive_nginx, scenario, nginx, seed)
+            measured = drive_versus_nginx(scenario, server, seed)
+        else:
+            measured = trio.run(drive, scenario, server, seed)
     result = {
         "scenario": scenario.name,
         "description": scenario.description,
