@@ -118,7 +118,6 @@ SCENARIOS: dict[str, Scenario] = {
     "storm": Scenario(
         "storm", "N clients ask for the same uncached key at once: 1 fetch, 1 transcode.",
         concurrency=500, duration=0.0, sizes_mb=(10,), storm=True, warmup=0.0, cold_keys=0,
-        latency_goals=False,
     ),
     "abort": Scenario(
         "abort", "Clients disconnect at random points mid-body; resources return to baseline.",
