@@ -3,7 +3,8 @@
 Fixed chunks force a bad choice: small ones cost throughput (each chunk pays hypercorn's
 per-message send path), large ones cost memory when many clients each hold one. Instead
 every stream starts at ``start`` bytes, doubles its chunk while the client drains each one
-quickly and halves it while sends block, between ``minimum`` and ``maximum``. "Quickly" is
+quickly and, when a send blocks, sizes the next to what the client drained meanwhile (at
+least halving it), between ``minimum`` and ``maximum``. "Quickly" is
 relative to the event loop's own lag (``LoopLag``): with hundreds of streams every send
 waits for its turn in the loop, and counting that as a slow client shrank every chunk to the
 minimum exactly when the CPU was scarcest (measured: 16 KiB chunks, twice the CPU per
@@ -15,8 +16,9 @@ chunks instead (every stream gets *something* at once) measured half the through
 clients: the CPU went to per-chunk overhead, not to bytes. Waiting costs nothing there, as the
 process is busy with the streams that hold budget. A stream that waited ``patience`` seconds
 gets ``minimum`` bytes over budget: clients that stopped reading keep their chunks in
-blocked sends, and must not stall everyone else (worst case: the budget plus ``minimum`` per
-such stream).
+blocked sends, and must not stall everyone else. A stream's first chunk never waits (the
+minimum over budget if need be), so a response starts at once. Worst case: the budget plus
+``minimum`` per stream that is starting or has waited ``patience``.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class ByteBudget:
         self.patience = patience
         self.used = 0
         self.peak = 0
-        self.overdrafts = 0  # grants made over budget after waiting ``patience``
+        self.overdrafts = 0  # grants over budget: first chunks, or after ``patience``
         self.streams = 0  # streams drawing on the budget (``AdaptiveChunks`` joined)
         self._waiters: deque[_Waiter] = deque()
         # Told after every change of ``used``, ``waiting`` or ``overdrafts`` (metrics).
