@@ -77,7 +77,7 @@ class Metrics:
         )
         self.stream_budget_overdrafts = Counter(
             "resizer_stream_budget_overdrafts",
-            "Chunks granted over the stream budget after waiting stream_budget_wait",
+            "Chunks granted over the stream budget (a first chunk, or after stream_budget_wait)",
             registry=r,
         )
         self._overdrafts_seen = 0
