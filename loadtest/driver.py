@@ -290,8 +290,11 @@ def sample_process(pid: int) -> dict[str, Any]:
     }
 
 
-async def scrape_metrics(client: httpx.AsyncClient, url: str) -> dict[str, float]:
-    names = {
+async def scrape_metrics(
+    client: httpx.AsyncClient, url: str, names: dict[str, str] | None = None
+) -> dict[str, float]:
+    """The server's counters (``names``: metric name -> key; default the work counters)."""
+    names = names or {
         "resizer_origin_fetches_total": "origin_fetches",
         "resizer_transforms_total": "transforms",
         "resizer_coalesced_total": "coalesced",
@@ -412,23 +415,24 @@ class LeanClient:
         last byte, which a slow reader may still be reading seconds later."""
         import h11
 
+        async def exchange(stream: trio.SocketStream, connection: Any) -> Any:
+            await stream.send_all(connection.send(request))
+            await stream.send_all(connection.send(h11.EndOfMessage()))
+            return await self._next_event(stream, connection)
+
         while self._idle:
             stream, connection = self._idle.pop()
             if stream.socket.is_readable():  # closed by the server (or junk): not reusable
                 await trio.aclose_forcefully(stream)
                 continue
             try:
-                await stream.send_all(connection.send(request))
-                await stream.send_all(connection.send(h11.EndOfMessage()))
-                return stream, connection, await self._next_event(stream, connection)
+                return stream, connection, await exchange(stream, connection)
             except (OSError, trio.BrokenResourceError, h11.ProtocolError, httpx.HTTPError):
                 await trio.aclose_forcefully(stream)
         stream = await trio.open_tcp_stream(self.host, self.port)
         connection = h11.Connection(h11.CLIENT)
         try:
-            await stream.send_all(connection.send(request))
-            await stream.send_all(connection.send(h11.EndOfMessage()))
-            return stream, connection, await self._next_event(stream, connection)
+            return stream, connection, await exchange(stream, connection)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -589,13 +593,9 @@ BUDGET_GAUGES = {
 
 async def scrape_budget(client: httpx.AsyncClient, url: str) -> dict[str, float]:
     """The stream budget's gauges (bytes held, streams waiting, overdrafts so far)."""
-    found: dict[str, float] = {}
     with contextlib.suppress(httpx.HTTPError):
-        for line in (await client.get(f"{url}/metrics")).text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in BUDGET_GAUGES:
-                found[BUDGET_GAUGES[name]] = float(value)
-    return found
+        return await scrape_metrics(client, url, BUDGET_GAUGES)
+    return {}
 
 
 @contextlib.asynccontextmanager
