@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import structlog
 import trio
 
-from .cache.base import CacheStore, EntryMeta
+from .cache.base import CacheStore, EntryMeta, PublishedSpool
 from .cache.disk import DiskCacheStore, DiskSpoolReader, DiskWriter
 from .cache.failures import FailureCache
 from .cache.leases import Follow, FollowLost, Lead, LeaseBoard
@@ -233,6 +233,8 @@ class Service:
         self.metrics.inflight_works.inc()
         try:
             if self.leases is None:
+                if await self._finish_from_cache(work, job.key):
+                    return
                 async with self._origin_slot():
                     await self._fetch_transform_spool(work, job)
                 return
@@ -256,18 +258,9 @@ class Service:
 
     async def _lead(self, work: Work, job: Job, lead: Lead) -> None:
         """Produce ``job`` holding its cross-process lease; others may tail the output."""
-        assert self.disk is not None
         # The previous leader may have published just before we took the lease.
-        entry = await self.cache.lookup(job.key)
-        if entry is not None:
-            try:
-                work.spool_from(self.disk.open_spool(entry))
-            except KeyError:
-                pass  # replaced or deleted meanwhile: produce it again
-            else:
-                work.advance(entry.size)
-                work.finish(entry)
-                return
+        if await self._finish_from_cache(work, job.key):
+            return
         with unwrap_single_exception():
             async with self._origin_slot(), trio.open_nursery() as nursery:
                 work.followed_elsewhere = lead.followed
@@ -276,6 +269,28 @@ class Service:
                 nursery.start_soon(self._abandon_when_unfollowed, work)
                 await self._fetch_transform_spool(work, job, lead)
                 nursery.cancel_scope.cancel()
+
+    async def _finish_from_cache(self, work: Work, key: str) -> bool:
+        """Serve ``work`` from an entry published since its clients looked (True), if any.
+
+        A request whose lookup missed just before another Work published cannot join that
+        Work any more (it left the registry when it finished): its new Work lands here.
+        """
+        entry = await self.cache.lookup(key)
+        if entry is None:
+            return False
+        try:
+            spool = (
+                self.disk.open_spool(entry)
+                if self.disk is not None
+                else PublishedSpool(self.cache, entry)
+            )
+        except KeyError:
+            return False  # replaced or deleted meanwhile: produce it again
+        work.spool_from(spool)
+        work.advance(entry.size)
+        work.finish(entry)
+        return True
 
     async def _abandon_when_unfollowed(self, work: Work) -> None:
         # Polls only once no client here needs the Work: followers cannot signal leaving.

@@ -114,13 +114,15 @@ async def open_world(
     script: Script | None = None,
     transformer: FakeTransformer | None = None,
     finish_without_clients: bool = False,
+    cross_process: bool = True,
 ) -> AsyncIterator[World]:
     cache_root = tmp_path / "cache"
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir(parents=True, exist_ok=True)
     config = fake_origin_config(
         cache_root,
-        f"finish_without_clients = {'true' if finish_without_clients else 'false'}",
+        f"finish_without_clients = {'true' if finish_without_clients else 'false'}\n"
+        f"cross_process = {'true' if cross_process else 'false'}",
     )
     source = FakeSource(spill_dir, {"clip.mp4": b"source" * 1000}, {"clip.mp4": script or Script()})
     origins = fake_origins(source)

@@ -9,6 +9,8 @@ import pytest
 import trio
 import trio.testing
 
+from resizer.concurrency.coalescing import Subscription, WorkState
+from resizer.errors import ResizerError
 from resizer.sources.fake import Script
 from resizer.transform.fake import FakeTransformer
 from tests.harness import (
@@ -125,3 +127,75 @@ async def test_failure_mid_stream_at_every_checkpoint(
         assert not result.completed
         if step is None:
             assert result.error is not None
+
+
+async def read_to_end(
+    subscription: Subscription, instrument: CancelAtStep, steps: int | None, result: ClientResult
+) -> None:
+    """Read a subscription to its end in a task cancelled at its ``steps``-th step."""
+    with trio.CancelScope() as scope:
+        instrument.watch(steps, scope)
+        try:
+            async for chunk in subscription.iter_bytes(0, 4_096):
+                result.body += chunk
+            result.completed = True
+        finally:
+            subscription.detach()
+
+
+@pytest.mark.parametrize("cross_process", [True, False], ids=["leases", "one-process"])
+async def test_a_request_arriving_as_the_work_finishes_reads_the_published_entry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, cross_process: bool
+) -> None:
+    """Subscribing in the step a Work finishes (its last reader gone) gets the whole entry,
+    read from the cache, cancelled at any checkpoint or not: one transform, clean."""
+    for step in [*range(1, MAX_STEPS), None]:
+        instrument = CancelAtStep()
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            async with open_world(tmp_path / str(step), cross_process=cross_process) as world:
+                fds_before = open_fds()
+                first = world.service.subscribe(world.job)
+                await first.wait_for(lambda p: False)  # woken in the step the Work finished
+                first.detach()  # its last reader leaves: a finished Work closes its spool
+                late = world.service.subscribe(world.job)  # same step: nothing ran between
+                assert not late.joined, "joined a Work that is no longer running"
+                result = ClientResult(work=late.work)
+                world.results.append(result)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_to_end, late, instrument, step, result)
+                await settle(world)
+                await assert_clean(world, fds_before)
+                assert world.transformer.runs_started == 1, "the late request transcoded again"
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+        if step is None or result.completed:
+            assert result.completed
+            assert result.body == world.expected
+            break
+    else:
+        pytest.fail("the late reader never completed")
+
+
+async def test_a_range_whose_bytes_exist_survives_the_work_failing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``bytes=0-3999`` of output produced before the Work failed is served in full."""
+    fake = FakeTransformer(size=20_000, chunk_size=2_000, fail_after=9_000)
+    async with open_world(tmp_path, transformer=fake) as world:
+        subscription = world.service.subscribe(world.job)
+        try:
+            failed = await subscription.work.wait_progress(lambda p: p.state is WorkState.FAILED)
+            assert failed.produced >= 4_000
+            # The range's bytes were there before the failure: neither call may raise.
+            progress = await subscription.wait_for(lambda p: p.produced > 3_999)
+            assert progress.state is WorkState.FAILED
+            body = b"".join([chunk async for chunk in subscription.iter_bytes(0, 1_500, 4_000)])
+            assert body == world.expected[:4_000]
+            # Beyond what exists, the failure still reaches the reader.
+            with pytest.raises(ResizerError):
+                async for _ in subscription.iter_bytes(0, 1_500, 15_000):
+                    pass
+        finally:
+            subscription.detach()

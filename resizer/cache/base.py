@@ -102,6 +102,30 @@ class SpoolReader(Protocol):
     def close(self) -> None: ...
 
 
+class PublishedSpool:
+    """A ``SpoolReader`` over a published entry of any store, read through ``open_range``."""
+
+    def __init__(self, store: CacheStore, entry: EntryMeta) -> None:
+        self._store = store
+        self._entry = entry
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        stop = min(self._entry.size, offset + size)
+        if offset >= stop:
+            return b""
+        try:
+            async with self._store.open_range(self._entry, offset, stop, stop - offset) as chunks:
+                return b"".join([chunk async for chunk in chunks])
+        except KeyError:
+            return b""  # replaced or deleted meanwhile: the reader reports a short spool
+
+    def clone(self) -> PublishedSpool:
+        return PublishedSpool(self._store, self._entry)
+
+    def close(self) -> None:
+        pass
+
+
 class CacheWriter(Protocol):
     """Receives an entry's bytes in order. Nothing is visible until ``commit``."""
 

@@ -3,8 +3,9 @@
 A Work runs in the service's nursery, never in a request's, so the first client leaving does
 not end it for the others. The registry counts attached subscriptions; when the last one
 detaches, the Work's cancel scope is cancelled (unless ``finish_without_clients``). Attach
-and detach are synchronous, so no request can ever attach to a Work that is being torn down:
-a Work leaves the registry in the same step that decides its end.
+and detach are synchronous, and a Work leaves the registry in the same step that decides its
+end (abandoned, finished or failed), so a request can only ever join a RUNNING Work. One that
+comes later starts a new Work, whose producer finds the published entry first.
 
 Subscribers do not get bytes pushed through queues: the Work spools its output into the cache
 writer's partial entry, and each subscriber reads that spool at its own pace, waiting on
@@ -51,8 +52,10 @@ class WorkAborted(ResizerError):
 class Work:
     """The production of one cache entry, observed by its subscribers."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, on_end: Callable[[Work], None] | None = None) -> None:
         self.key = key
+        # Called in the very step the Work stops RUNNING (the registry forgets it then).
+        self._on_end = on_end
         self.cancel_scope = trio.CancelScope()
         self.progress: AsyncValue[Progress] = AsyncValue(Progress(0, WorkState.RUNNING))
         self.spool: SpoolReader | None = None  # the Work's own reader; subscribers clone it
@@ -96,11 +99,17 @@ class Work:
     def finish(self, entry: EntryMeta) -> None:
         self.entry = entry
         self.progress.value = Progress(entry.size, WorkState.DONE)
+        self._ended()
 
     def fail(self, error: ResizerError) -> None:
         if self.state is WorkState.RUNNING:
             self.error = error
             self.progress.value = Progress(self.current.produced, WorkState.FAILED)
+            self._ended()
+
+    def _ended(self) -> None:
+        if self._on_end is not None:
+            self._on_end(self)
 
     def close_spool_if_idle(self) -> None:
         """The spool lives while the Work runs or anyone still reads it; then it closes."""
@@ -138,11 +147,13 @@ class Subscription:
         return progress
 
     async def wait_for(self, predicate: Callable[[Progress], bool]) -> Progress:
-        """Wait until ``predicate`` holds or the Work ended; raise its error if it failed."""
+        """Wait until ``predicate`` holds or the Work ended; raise its error if it failed
+        before ``predicate`` held (bytes that exist stay readable after a failure)."""
         progress = await self.work.wait_progress(
             lambda p: predicate(p) or p.state is not WorkState.RUNNING
         )
-        self._raise_if_failed(progress)
+        if not predicate(progress):
+            self._raise_if_failed(progress)
         return progress
 
     def _raise_if_failed(self, progress: Progress) -> None:
@@ -154,23 +165,28 @@ class Subscription:
     ) -> AsyncIterator[bytes]:
         """The Work's output from ``start`` (to ``stop``), following it live until complete.
 
-        Raises the Work's error if it fails: a consumer that already sent headers must then
-        abort the connection so the truncation is visible.
+        Raises the Work's error if it fails before the bytes asked for exist: a consumer
+        that already sent headers must then abort the connection so the truncation is
+        visible. A range (``stop``) whose bytes were produced before a failure is served.
         """
         offset = start
         reader: SpoolReader | None = None
         try:
-            while True:
+            while stop is None or offset < stop:
                 progress = await self.work.wait_progress(_readable_beyond(offset))
-                self._raise_if_failed(progress)
-                if offset >= progress.produced or (stop is not None and offset >= stop):
-                    return  # DONE and everything read, or the requested range is complete
-                if reader is None:
-                    assert self.work.spool is not None  # set before anything is produced
-                    reader = self.work.spool.clone()
                 end = progress.produced if stop is None else min(stop, progress.produced)
-                want = min(chunk_size, end - offset)
-                data = await reader.read_at(offset, want)
+                if offset >= end or stop is None:
+                    # Nothing more will come (woken at the end), or a whole body that can
+                    # no longer complete: fail now rather than after more doomed bytes.
+                    self._raise_if_failed(progress)
+                if offset >= end:
+                    return  # DONE and everything read
+                if reader is None:
+                    # Attached subscribers keep the spool open, and it exists before any
+                    # output does; a closed one would be a registry bug, not a client error.
+                    assert self.work.spool is not None
+                    reader = self.work.spool.clone()
+                data = await reader.read_at(offset, min(chunk_size, end - offset))
                 if not data:
                     raise TransformFailed("spooled output ended early")
                 offset += len(data)
@@ -199,7 +215,7 @@ class WorkRegistry:
         work = self._works.get(key)
         joined = work is not None
         if work is None:
-            work = Work(key)
+            work = Work(key, on_end=self._forget)
             self._works[key] = work
             self._nursery.start_soon(self._run, work, produce, name=f"work {key}")
         work.subscribers += 1
