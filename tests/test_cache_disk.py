@@ -11,7 +11,8 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -20,6 +21,7 @@ import trio
 
 from resizer.cache.base import EntryMeta
 from resizer.cache.disk import DiskCacheStore
+from resizer.cache.leases import Lead
 from resizer.options import key_digest
 from tests.test_cache_memory import (
     ABANDON_WAYS,
@@ -274,6 +276,129 @@ async def test_prepare_keeps_sound_entries_and_is_repeatable(disk: DiskCacheStor
     assert disk.prepare() == 0
     assert disk.prepare() == 0
     assert await disk.lookup("k") == entry
+
+
+# Bounds the tests' waits on worker threads, so a broken interleaving fails instead of hanging.
+THREAD_WAIT = 10.0
+
+
+class PausedPublish:
+    """Pauses the next commit, in its worker thread, between its data and metadata renames."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+        real_replace = os.replace
+
+        def replace(src: Path, dst: Path) -> None:
+            real_replace(src, dst)
+            if str(dst).endswith(".data") and not self.paused.is_set():
+                self.paused.set()
+                self.resume.wait(THREAD_WAIT)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+    async def wait_paused(self) -> None:
+        await trio.to_thread.run_sync(self.paused.wait, THREAD_WAIT, abandon_on_cancel=True)
+
+
+async def put_into(into: list[EntryMeta], store: DiskCacheStore, key: str, data: bytes) -> None:
+    into.append(await put(store, key, data))
+
+
+async def assert_serves(root: Path, key: str, entry: EntryMeta, data: bytes) -> None:
+    """Another process (a fresh store) finds ``entry`` under ``key`` and reads all of it."""
+    reader = DiskCacheStore(root, clock=FakeClock())
+    assert await reader.lookup(key) == entry
+    assert await read(reader, entry) == data
+
+
+async def test_prepare_spares_an_entry_a_leader_publishes_during_the_scan(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process starting up while another takes a lease and publishes leaves the entry whole."""
+    leader = DiskCacheStore(root, clock=FakeClock())
+    leader.prepare()
+    await put(leader, "k", OLD)
+    publish = PausedPublish(monkeypatch)
+    starter = DiskCacheStore(root, clock=FakeClock())
+    tmp_scanned = threading.Event()
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path) -> Iterator[Path]:
+        # The starter has tidied tmp/ (nobody led "k" then); it scans the entries only once
+        # the leader's commit is between its two renames.
+        if self == root / "entries":
+            tmp_scanned.set()
+            publish.paused.wait(THREAD_WAIT)
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+
+    async def start_up() -> None:
+        await trio.to_thread.run_sync(starter.prepare)
+        publish.resume.set()
+
+    published: list[EntryMeta] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(start_up)
+        await trio.to_thread.run_sync(tmp_scanned.wait, THREAD_WAIT, abandon_on_cancel=True)
+        lead = leader.leases.acquire("k")
+        assert isinstance(lead, Lead)
+        try:
+            with trio.fail_after(THREAD_WAIT):  # e.g. if the commit waited for its own lease
+                await put_into(published, leader, "k", NEW)
+        finally:
+            lead.release()
+    await assert_serves(root, "k", published[0], NEW)
+
+
+async def test_prepare_spares_an_entry_published_without_a_lease(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process starting while another's unleased commit is between its renames spares it."""
+    writer = DiskCacheStore(root, clock=FakeClock())
+    writer.prepare()
+    await put(writer, "k", OLD)
+    publish = PausedPublish(monkeypatch)
+    published: list[EntryMeta] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_into, published, writer, "k", NEW)
+        await publish.wait_paused()
+        DiskCacheStore(root, clock=FakeClock()).prepare()
+        publish.resume.set()
+    await assert_serves(root, "k", published[0], NEW)
+
+
+async def test_an_unleased_commit_waits_while_another_process_holds_the_key(
+    disk: DiskCacheStore, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishing waits, without blocking the event loop, until the key's lease is free."""
+    held = DiskCacheStore(root).leases.claim(key_digest("k"))
+    assert held is not None
+    refusals: list[str] = []
+    refused_twice = trio.Event()
+    real_claim = disk.leases.claim
+
+    def claim(digest: str) -> Lead | None:
+        lease = real_claim(digest)
+        if lease is None:
+            refusals.append(digest)
+            if len(refusals) == 2:
+                refused_twice.set()
+        return lease
+
+    monkeypatch.setattr(disk.leases, "claim", claim)
+    published: list[EntryMeta] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_into, published, disk, "k", NEW)
+        # Real clock: the autojump clock would fire this deadline while the writer's threads run.
+        with trio.fail_after(THREAD_WAIT):
+            await refused_twice.wait()  # it retried, and still waits
+        assert published == []
+        assert await disk.lookup("k") is None
+        held.release()
+    await assert_serves(root, "k", published[0], NEW)
 
 
 async def test_expired_entry_files_are_removed_on_lookup(root: Path) -> None:

@@ -110,6 +110,30 @@ def test_a_dead_leaders_lease_is_taken_over_and_its_partial_removed(tmp_path: Pa
     lead.release()
 
 
+def test_a_claim_takes_only_a_free_key_and_is_no_lead(tmp_path: Path) -> None:
+    """claim() refuses a held key; while it holds one, others follow it; leads() tells Leads."""
+    board, other = LeaseBoard(tmp_path), LeaseBoard(tmp_path)
+    digest = key_digest(KEY)
+    lead = board.acquire(KEY)
+    assert isinstance(lead, Lead)
+    assert (board.leads(digest), other.leads(digest)) == (True, False)
+    assert other.claim(digest) is None
+    lead.release()
+    assert not board.leads(digest)
+    claim = other.claim(digest)
+    assert claim is not None
+    assert not other.leads(digest)  # its writers still claim the key to publish it
+    assert board.claim(digest) is None
+    follow = board.acquire(KEY)
+    assert isinstance(follow, Follow)
+    follow.poll()
+    assert not follow.attached  # a claim announces no partial
+    claim.release()
+    assert not follow.poll().leader_alive
+    follow.release()
+    assert not board.lock_path(KEY).exists()
+
+
 def test_prepare_keeps_partials_that_another_process_is_writing(tmp_path: Path) -> None:
     """A starting process removes dead partials but not those of a live leader."""
     store = DiskCacheStore(tmp_path)

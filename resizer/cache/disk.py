@@ -11,8 +11,11 @@ A commit writes the data to tmp/, renames it into entries/, writes the metadata 
 ``os.replace``s it onto ``<digest>.meta.json`` (the one commit point), and only then removes
 the previous version's data file. A ``kill -9`` anywhere therefore leaves the old entry or the
 new one, plus at most some unreferenced files that lookups never serve and ``prepare()``
-removes. Without ``fsync=True`` a power loss (not a process crash) can leave published
-metadata with short data; lookups compare sizes and drop such entries.
+removes. Both renames happen under the key's lease (see ``leases``), which ``prepare()`` claims
+before deciding about a key's files, so a process starting up never mistakes the data file
+another process is publishing for a leftover. Without ``fsync=True`` a power loss (not a
+process crash) can leave published metadata with short data; lookups compare sizes and drop
+such entries.
 
 Naming data files by content hash means metadata can only point at the bytes it describes, and
 ``open_range`` opens exactly the version it is handed: once that version is replaced or
@@ -46,7 +49,7 @@ import trio
 
 from ..errors import ResizerError
 from ..options import key_digest
-from ..units import SECONDS
+from ..units import MILLISECONDS, SECONDS
 from .base import (
     DEFAULT_READ_CHUNK,
     ChunkSize,
@@ -56,12 +59,16 @@ from .base import (
     format_etag,
     new_etag_hasher,
 )
-from .leases import LeaseBoard
+from .leases import Lead, LeaseBoard
 
 log = structlog.get_logger(__name__)
 
 # Bounds the shielded cleanup after an abandoned write, so a stalled disk cannot hang shutdown.
 CLEANUP_TIMEOUT = 5 * SECONDS
+# How often a commit retries a key's lease that another process holds (to clean up or publish
+# it, for milliseconds; or to produce it, when processes sharing the folder disagree on
+# cross_process).
+PUBLISH_RETRY = 5 * MILLISECONDS
 
 _META_SUFFIX = ".meta.json"
 _DATA_SUFFIX = ".data"
@@ -155,32 +162,41 @@ class DiskCacheStore:
         """Create the folders and remove what a crash left behind; returns the files removed.
 
         Blocking; call it at start-up before this process runs any writer. Other processes
-        may share the folder: partial files of keys another live process leads are kept
-        (their committing writers' data files are briefly unreferenced too, and only
-        ``_remove_unreferenced`` of a single-process start-up may remove those).
+        may share the folder: it decides about each key's files holding the key's lease, and
+        leaves the keys whose lease another process holds (it is producing or publishing
+        them; a later start-up tidies what that leaves).
         """
         self._entries_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
-        removed = 0
-        leased: dict[str, bool] = {}
-        for partial_file in self._tmp_dir.iterdir():
-            digest = partial_file.name.split(".", 1)[0]
-            if digest not in leased:
-                leased[digest] = self.leases.is_leased(digest)
-            if not leased[digest]:
-                removed += partial_file.exists()
-                partial_file.unlink(missing_ok=True)
-        if any(leased.values()):
-            # Another process is writing: a data file it is committing can look unreferenced.
-            if removed:
-                log.info("cache_leftovers_removed", root=str(self.root), files=removed)
-            return removed
+        removed = self._tidy_keys(self._tmp_dir, self._remove_partials)
         for folder in self._entries_dir.iterdir():
             if folder.is_dir():
-                removed += self._remove_unreferenced(folder)
+                removed += self._tidy_keys(folder, self._remove_unreferenced)
         if removed:
             log.info("cache_leftovers_removed", root=str(self.root), files=removed)
         return removed
+
+    def _tidy_keys(self, folder: Path, tidy: Callable[[Path, str, list[str]], int]) -> int:
+        """Run ``tidy(folder, digest, file names)`` for each key with files in ``folder``,
+        holding the key's lease; returns the files removed."""
+        names: dict[str, list[str]] = {}
+        for path in folder.iterdir():
+            names.setdefault(path.name.split(".", 1)[0], []).append(path.name)
+        removed = 0
+        for digest, key_names in names.items():
+            lease = self.leases.claim(digest)
+            if lease is None:
+                continue  # another process is producing or publishing this key
+            try:
+                removed += tidy(folder, digest, key_names)
+            finally:
+                lease.release()
+        return removed
+
+    def _remove_partials(self, folder: Path, digest: str, names: list[str]) -> int:
+        """Nobody leads the key: its partial files are a dead process's."""
+        lock_name = self.leases.lock_path_of(digest).name
+        return sum(_unlink(folder / name) for name in names if name != lock_name)
 
     def data_path(self, entry: EntryMeta) -> Path | None:
         """Where ``entry``'s bytes live, for sendfile or an X-Accel-Redirect; None if the entry
@@ -276,6 +292,16 @@ class DiskCacheStore:
             # removing the partial file.
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 await writer.discard()
+
+    async def _lease_for_publish(self, digest: str) -> Lead | None:
+        """The key's lease for publishing it: None if this process leads the key already, else
+        claimed as soon as no other process holds it (polling: flock cannot wait cancellably)."""
+        while not self.leases.leads(digest):
+            lease = self.leases.claim(digest)
+            if lease is not None:
+                return lease
+            await trio.sleep(PUBLISH_RETRY)
+        return None
 
     async def delete(self, key: str) -> None:
         await trio.to_thread.run_sync(self._delete_sync, key_digest(key))
@@ -411,23 +437,29 @@ class DiskCacheStore:
         finally:
             os.close(fd)
 
-    def _remove_unreferenced(self, folder: Path) -> int:
-        """Remove unusable metadata and data files no metadata points at; returns the count."""
+    def _remove_unreferenced(self, folder: Path, digest: str, names: list[str]) -> int:
+        """Remove the key's unusable metadata and the data files it does not point at
+        (under the key's lease: no publish of it is halfway)."""
+        meta_path = folder / f"{digest}{_META_SUFFIX}"
         removed = 0
-        referenced: set[str] = set()
-        for meta_path in folder.glob(f"*{_META_SUFFIX}"):
-            digest = meta_path.name.removesuffix(_META_SUFFIX)
+        keep = ""
+        with contextlib.suppress(FileNotFoundError):
             stored = _parse_meta(meta_path.read_bytes(), digest)
             if stored is not None and _has_size(folder / stored.data_name, stored.meta.size):
-                referenced.add(stored.data_name)
+                keep = stored.data_name
             else:
-                meta_path.unlink()
-                removed += 1
-        for data_path in folder.glob(f"*{_DATA_SUFFIX}"):
-            if data_path.name not in referenced:
-                data_path.unlink()
-                removed += 1
-        return removed
+                removed += _unlink(meta_path)
+        unreferenced = [n for n in names if n.endswith(_DATA_SUFFIX) and n != keep]
+        return removed + sum(_unlink(folder / name) for name in unreferenced)
+
+
+def _unlink(path: Path) -> int:
+    """Remove ``path``; 1 if it existed, else 0."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return 1
 
 
 _nowait_reads = hasattr(os, "RWF_NOWAIT")
@@ -567,7 +599,16 @@ class DiskWriter:
             options=self._options,
             source=self.source,
         )
-        await trio.to_thread.run_sync(self._store._publish_sync, self._digest, self._tmp_path, meta)
+        # Under the key's lease from the data rename to the metadata rename: otherwise another
+        # process's prepare() could see the new data file unreferenced and remove it.
+        lease = await self._store._lease_for_publish(self._digest)
+        try:
+            await trio.to_thread.run_sync(
+                self._store._publish_sync, self._digest, self._tmp_path, meta
+            )
+        finally:
+            if lease is not None:
+                lease.release()
         self._finished = "committed"
         return meta
 

@@ -22,6 +22,11 @@ never leaves a key locked:
 Followers poll (``poll_interval``): the file's size is their progress, and the lock file
 becoming free tells them the leader ended; the cache lookup then says whether it published.
 
+The lease is also the key's lock against clean-up: every commit publishes under it (the
+leader's, or one ``claim``ed for the two renames), and ``prepare()`` decides about a key's
+files only under a claim, so it never sees a half-published entry. A process following a
+claim sees no announcement, then the lease end, and looks the entry up like after any leader.
+
 Every function here is synchronous and non-blocking (``LOCK_NB``): a few syscalls on a local
 filesystem, called from trio tasks without threads so that no cancellation can land between
 taking a lock and recording that we hold it.
@@ -61,12 +66,18 @@ def _read_announcement(fd: int) -> str:
 
 
 class Lead:
-    """This process produces ``key``; other processes may follow its partial file."""
+    """This process holds a key's lease: it produces the key (other processes may follow its
+    partial file) or, when ``claim`` gave it, publishes or tidies the key's files."""
 
-    def __init__(self, tmp_dir: Path, lock_path: Path, lock_fd: int) -> None:
+    def __init__(
+        self, tmp_dir: Path, lock_path: Path, lock_fd: int, leading: set[Path] | None = None
+    ) -> None:
         self._tmp_dir = tmp_dir
         self._lock_path = lock_path
         self._lock_fd = lock_fd
+        self._leading = leading  # the board's record of the leases acquire() gave out
+        if leading is not None:
+            leading.add(lock_path)
         self._probe_fd = -1  # our own descriptor of the partial file, for follower checks
         self._claimed = False
 
@@ -99,6 +110,8 @@ class Lead:
         self._lock_path.unlink(missing_ok=True)
         os.close(self._lock_fd)
         self._lock_fd = -1
+        if self._leading is not None:
+            self._leading.discard(self._lock_path)
         if self._probe_fd >= 0:
             os.close(self._probe_fd)
             self._probe_fd = -1
@@ -181,24 +194,48 @@ class LeaseBoard:
 
     def __init__(self, tmp_dir: Path) -> None:
         self._tmp_dir = tmp_dir
+        self._leading: set[Path] = set()  # lock files of the keys this process leads
 
     def lock_path(self, key: str) -> Path:
-        return self._tmp_dir / f"{key_digest(key)}{_LOCK_SUFFIX}"
+        return self.lock_path_of(key_digest(key))
+
+    def lock_path_of(self, digest: str) -> Path:
+        return self._tmp_dir / f"{digest}{_LOCK_SUFFIX}"
 
     def acquire(self, key: str) -> Lead | Follow:
         """Lead ``key`` if no other process does, else follow the one that does."""
         path = self.lock_path(key)
+        taken = self._take(path, self._leading)
+        return taken if isinstance(taken, Lead) else Follow(path, taken)
+
+    def claim(self, digest: str) -> Lead | None:
+        """The lease of the key with this digest if nobody holds it, else None.
+
+        For holding a key for a few syscalls (publishing, clean-up), never for producing it.
+        """
+        taken = self._take(self.lock_path_of(digest), None)
+        if isinstance(taken, Lead):
+            return taken
+        os.close(taken)
+        return None
+
+    def leads(self, digest: str) -> bool:
+        """Whether a Lead ``acquire()`` gave this process holds the key with this digest."""
+        return self.lock_path_of(digest) in self._leading
+
+    def _take(self, path: Path, leading: set[Path] | None) -> Lead | int:
+        """The lease at ``path``; if someone holds it, a descriptor of the lock file instead."""
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 if not _try_lock(fd, fcntl.LOCK_EX):
-                    return Follow(path, fd)
+                    return fd
                 if not _same_file(fd, path):
                     os.close(fd)  # a leader released (and unlinked) it meanwhile: try again
                     continue
                 self._remove_stale_partial(_read_announcement(fd))
                 os.ftruncate(fd, 0)
-                return Lead(self._tmp_dir, path, fd)
+                return Lead(self._tmp_dir, path, fd, leading)
             except BaseException:
                 os.close(fd)
                 raise
@@ -207,20 +244,3 @@ class LeaseBoard:
         """A previous leader died: its partial file (if any) is garbage."""
         if announced and "/" not in announced and announced.endswith(".data"):
             (self._tmp_dir / announced).unlink(missing_ok=True)
-
-    def is_leased(self, digest: str) -> bool:
-        """Whether some process currently leads the key with this digest (for clean-up)."""
-        path = self._tmp_dir / f"{digest}{_LOCK_SUFFIX}"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            if _try_lock(fd, fcntl.LOCK_EX):
-                # Nobody holds it: a dead leader's lock file. Remove it while we hold it.
-                if _same_file(fd, path):
-                    path.unlink(missing_ok=True)
-                return False
-            return True
-        finally:
-            os.close(fd)
