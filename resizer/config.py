@@ -28,6 +28,7 @@ from .options import (
     build_options,
     normalize_params,
 )
+from .targets import split_host_port
 from .units import DAYS, HOURS, MILLISECONDS, MINUTES, SECONDS, GiB, KiB, MiB
 
 Duration = NewType("Duration", float)  # seconds
@@ -191,6 +192,8 @@ class SourceConfig:
     connect_timeout: Duration = Duration(5 * SECONDS)
     first_byte_timeout: Duration = Duration(20 * SECONDS)
     total_timeout: Duration = Duration(5 * MINUTES)
+    # http/s3: longest silence while reading a body (a range ffmpeg reads has no total).
+    idle_timeout: Duration = Duration(30 * SECONDS)
     # Circuit breaker: open after this many consecutive failures, probe again after
     # reset_timeout with at most half_open_max requests at once.
     failure_threshold: int = 5
@@ -505,6 +508,8 @@ def _check_source(source: SourceConfig, where: str, problems: _Problems) -> None
                 problems.add(f"{where}.auth.name", "the header to send")
             if kind == "header" and not (source.auth.get("value") or source.auth.get("env")):
                 problems.add(f"{where}.auth.value", "give value or env")
+    if source.idle_timeout <= 0:
+        problems.add(f"{where}.idle_timeout", "must be positive")
     if source.failure_threshold < 1:
         problems.add(f"{where}.failure_threshold", "must be at least 1")
     if source.half_open_max < 1:
@@ -593,6 +598,11 @@ def _check(config: Config, problems: _Problems) -> None:
         problems.add("transform.timeout", "must be positive")
     if not config.origins:
         problems.add("origins", "at least one [[origins]] table is required")
+    for entry in config.security.allowed_remote_hosts:
+        try:
+            split_host_port(entry)
+        except ValueError as exc:
+            problems.add("security.allowed_remote_hosts", str(exc))
 
 
 def load_config(

@@ -17,6 +17,10 @@ class ResizerError(Exception):
     public_message: str | None = None
     # Seconds clients may cache this error (the origin's TTL for its class); 0: no-store.
     max_age: float = 0
+    # True for outcomes of the key itself (the source, the options), which may be remembered
+    # and answered again to everyone asking for that key; never for anything that depends
+    # on the request's headers (a Range, a precondition) or on the moment (load shedding).
+    key_outcome: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -48,6 +52,7 @@ class InvalidOption(ResizerError):
 
     status = 400
     code = "invalid_option"
+    key_outcome = True
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
@@ -64,6 +69,7 @@ class Forbidden(ResizerError):
 class NotFound(ResizerError):
     status = 404
     code = "not_found"
+    key_outcome = True
 
 
 class NoOriginMatched(NotFound):
@@ -84,6 +90,7 @@ class SourceTooLarge(ResizerError):
 
     status = 413
     code = "source_too_large"
+    key_outcome = True
 
 
 class SourceLimitExceeded(ResizerError):
@@ -91,6 +98,7 @@ class SourceLimitExceeded(ResizerError):
 
     status = 422
     code = "source_limit_exceeded"
+    key_outcome = True
 
 
 class OriginFailed(ResizerError):
@@ -98,11 +106,13 @@ class OriginFailed(ResizerError):
 
     status = 502
     code = "origin_failed"
+    key_outcome = True
 
 
 class OriginTimeout(ResizerError):
     status = 504
     code = "origin_timeout"
+    key_outcome = True
 
 
 class UnsupportedMedia(ResizerError):
@@ -110,6 +120,7 @@ class UnsupportedMedia(ResizerError):
 
     status = 415
     code = "unsupported_media"
+    key_outcome = True
 
 
 class UndecodableSource(ResizerError):
@@ -117,6 +128,7 @@ class UndecodableSource(ResizerError):
 
     status = 422
     code = "undecodable_source"
+    key_outcome = True
 
 
 class RangeNotSatisfiable(ResizerError):
@@ -131,17 +143,26 @@ class RangeNotSatisfiable(ResizerError):
         return {"Content-Range": f"bytes */{self.size}"}
 
 
+class PreconditionFailed(ResizerError):
+    """An If-Match or If-Unmodified-Since condition does not hold (RFC 9110 13.2.2)."""
+
+    status = 412
+    code = "precondition_failed"
+
+
 class TransformFailed(ResizerError):
     """ffmpeg failed on a source it had accepted (a bug or a resource problem, not input)."""
 
     status = 500
     code = "transform_failed"
+    key_outcome = True
     public_message = "the transformation failed; the details are in the server log"
 
 
 class TransformTimeout(ResizerError):
     status = 504
     code = "transform_timeout"
+    key_outcome = True
 
 
 class ServiceUnavailable(ResizerError):

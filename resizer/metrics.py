@@ -19,6 +19,12 @@ from .concurrency.budget import ByteBudget
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
+# Label values must come from a fixed set: a client can send any token as its method, and
+# every new label value is a series that never goes away.
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE"}
+)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -95,6 +101,11 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",  # breakers are per worker: one series per pid
         )
+
+    def count_request(self, method: str, status: int) -> None:
+        """One answered request; an unknown method counts as ``other``."""
+        label = method if method in KNOWN_METHODS else "other"
+        self.requests.labels(label, str(status)).inc()
 
     def budget_changed(self, budget: ByteBudget) -> None:
         """``ByteBudget.on_change``: keep the stream budget's gauges current."""

@@ -44,7 +44,7 @@ from .responsive import policy_from_config
 from .sources.http import HttpSource, make_http_client
 from .sources.origins import Origins, Resolved
 from .sources.range_proxy import RangeProxy, RangeSource
-from .sources.security import AddressPolicy
+from .sources.security import AddressPolicy, ListeningAddresses
 from .targets import Target, check_remote_allowed
 from .transform.argv import EncoderSettings
 from .transform.base import LoopbackUrl, MediaInput, Transformer
@@ -87,6 +87,7 @@ class Service:
         registry: WorkRegistry,
         metrics: Metrics,
         remote: HttpSource | None = None,
+        listening: ListeningAddresses | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
@@ -109,6 +110,8 @@ class Service:
         self.policy = policy_from_config(config)
         self.failures = FailureCache(time.monotonic)
         self.range_proxy = RangeProxy()  # served by open_service
+        # Where the server listens (origins may never point there); filled once bound.
+        self.listening = listening or ListeningAddresses()
         self.loop_lag = LoopLag()  # served by open_service
         self.heap_trimmer = HeapTrimmer(config.cache.heap_trim_interval, find_malloc_trim())
         self.stream_budget = ByteBudget(
@@ -378,7 +381,8 @@ class Service:
                 self.source_files and self.source_files.holds(resolved.source, resolved.path, stat)
             )
         ):
-            with self.range_proxy.expose(resolved.source, resolved.path, stat.size) as url:
+            # The proxy's connections for this URL end with the block (ffmpeg done or killed).
+            async with self.range_proxy.expose(resolved.source, resolved.path, stat.size) as url:
                 yield LoopbackUrl(url), stat.size
             return
         # A source that answered the existence check can still fail the download: fall
@@ -484,12 +488,14 @@ async def open_service(
         trio.open_nursery() as services,  # long-lived helpers (the range proxy)
         trio.open_nursery() as nursery,  # in-flight works only
     ):
+        listening = ListeningAddresses()  # the server fills it in once bound
         if origins is None:
             origins = Origins.from_config(
                 config,
                 client=client,
                 spill_dir=spill_dir,
                 on_breaker_change=metrics.breaker_changed,
+                listening=listening,
             )
         metrics.track_breakers(origins.breakers)
         security = config.security
@@ -506,9 +512,10 @@ async def open_service(
                 client,
                 spill_dir=spill_dir,
                 max_size=config.limits.max_source_size,
-                address_policy=AddressPolicy.from_config(config),
+                address_policy=AddressPolicy.from_config(config, listening),
                 redirect_hosts=frozenset(security.allowed_remote_hosts),
             ),
+            listening=listening,
         )
         await services.start(service.range_proxy.serve)
         await services.start(service.loop_lag.serve)

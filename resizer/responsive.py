@@ -191,10 +191,10 @@ def _from_hints(headers: Mapping[str, str], policy: Policy) -> tuple[str | None,
     cap = policy.medium_network_derivative if ect == "3g" else None
 
     chosen: str | None = None
-    vary += ["Sec-CH-Viewport-Width", "Sec-CH-DPR"]
-    width_header, width_raw = _header(headers, "Sec-CH-Viewport-Width", "Viewport-Width")
-    if width_header == "Viewport-Width":
-        vary.append("Viewport-Width")
+    # From here every hint may choose the variant, sent or not: a cache must not answer a
+    # request that sends one with a response chosen without it.
+    vary += ["Sec-CH-Viewport-Width", "Viewport-Width", "Sec-CH-DPR", "DPR"]
+    _, width_raw = _header(headers, "Sec-CH-Viewport-Width", "Viewport-Width")
     if width_raw is not None:
         try:
             viewport = float(width_raw)

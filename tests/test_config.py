@@ -159,3 +159,16 @@ def test_source_tables_are_checked_by_type() -> None:
         "origins[0].sources[1].bucket",
         "origins[0].sources[1].failure_threshold",
     } <= keys
+
+
+def test_source_idle_timeout_carries_units_and_must_be_positive() -> None:
+    """A source's idle_timeout takes a duration (default 30 s); zero or a non-duration is
+    reported with its key."""
+    table = '[[origins]]\nname = "o"\nmatcher = "^/(?P<path>.+)$"\n'
+    http = '[[origins.sources]]\ntype = "http"\nbase_url = "https://cdn.example.com/"\n'
+    config = load_config(text=table + http + 'idle_timeout = "2m"\n' + http, env={})
+    assert [source.idle_timeout for source in config.origins[0].sources] == [2 * MINUTES, 30.0]
+    with pytest.raises(ConfigError) as caught:
+        load_config(text=table + http + "idle_timeout = 0\n" + http + 'idle_timeout = "x"', env={})
+    keys = {key for key, _ in caught.value.problems}
+    assert keys == {"origins[0].sources[0].idle_timeout", "origins[0].sources[1].idle_timeout"}

@@ -238,7 +238,8 @@ async def test_allowed_remote_source_is_fetched_and_transformed(
     origin = await start_origin(
         nursery, {"/remote/clip.mp4": Behaviour(body=(media / "clip.mp4").read_bytes())}
     )
-    extra = '[security]\nallowed_remote_hosts = ["127.0.0.1"]\n'
+    host_port = origin.url.removeprefix("http://")  # a non-default port is listed with it
+    extra = f'[security]\nallowed_remote_hosts = ["{host_port}"]\n'
     server = await start_server(nursery, server_config(media, tmp_path / "cache", extra))
     url = f"{server.url}/cdn-cgi/media/mode=frame,width=100/{origin.url}/remote/clip.mp4"
     async with httpx.AsyncClient(timeout=30) as client:

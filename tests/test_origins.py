@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -24,7 +25,9 @@ from resizer.errors import (
 from resizer.options import cache_key, parse_options
 from resizer.pipeline import Service, open_service
 from resizer.sources.base import LocalSource, SourceStat
+from resizer.sources.http import HttpSource
 from resizer.sources.origins import Origin, Origins
+from resizer.sources.s3 import S3Source
 from resizer.targets import Target, parse_target
 from resizer.transform.fake import FakeTransformer
 
@@ -159,7 +162,7 @@ class ColdCache(MemoryCacheStore):
 
 async def cached_target(cache: MemoryCacheStore) -> tuple[Target, str]:
     """A target whose variant ``cache`` holds, and its key."""
-    target = parse_target("/v/a.mp4", {"width": "320"})
+    target = parse_target("/v/a.mp4", b"width=320")
     key = cache_key(target.source, parse_options(target.params))
     async with cache.open_writer(key, content_type="video/mp4", ttl=60, options="") as writer:
         await writer.write(b"cached")
@@ -201,7 +204,7 @@ async def test_a_miss_overlaps_the_lookup_and_the_resolution(
         async def lookup(self, key: str) -> None:
             await trio.sleep(1.0)
 
-    target = parse_target("/v/a.mp4", {"width": "320"})
+    target = parse_target("/v/a.mp4", b"width=320")
     key = cache_key(target.source, parse_options(target.params))
     async with service_with(slow_origin, SlowCache()) as service:
         started = trio.current_time()
@@ -216,8 +219,35 @@ async def test_a_resolution_error_only_counts_on_a_miss(
 ) -> None:
     """A source that says 404 does not spoil a hit, and is the answer on a miss."""
     missing = ScriptedSource(SourceNotFound("gone"))
-    target = parse_target("/v/a.mp4", {"width": "320"})
+    target = parse_target("/v/a.mp4", b"width=320")
     key = cache_key(target.source, parse_options(target.params))
     async with service_with(missing, MemoryCacheStore()) as service:
         with pytest.raises(SourceNotFound):
             await service.lookup_or_resolve(key, target)
+
+
+async def test_source_timeouts_from_the_configuration_reach_the_sources(tmp_path: Path) -> None:
+    """``idle_timeout`` of http and s3 sources is applied, not only parsed."""
+    config = load_config(
+        text="""
+        [[origins]]
+        name = "web"
+        matcher = "^/w/(?P<path>.+)$"
+        [[origins.sources]]
+        type = "http"
+        base_url = "https://media.example.com/"
+        idle_timeout = "7s"
+        [[origins.sources]]
+        type = "s3"
+        bucket = "b"
+        region = "us-east-1"
+        idle_timeout = "9s"
+        """,
+        env={},
+    )
+    async with httpx.AsyncClient() as client:
+        origins = Origins.from_config(config, client=client, spill_dir=tmp_path, env={})
+        http, s3 = (slot.source for slot in origins.origins[0].slots)
+        assert isinstance(http, HttpSource)
+        assert isinstance(s3, S3Source)
+        assert (http.idle_timeout, s3._http.idle_timeout) == (7, 9)

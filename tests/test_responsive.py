@@ -122,6 +122,38 @@ def test_client_hints_choose_a_derivative_and_vary_on_them() -> None:
     assert "User-Agent" not in resolved.vary
 
 
+# Every request header the responsive logic could read, with values that matter to it.
+HINT_HEADERS = {
+    "Save-Data": st.sampled_from(["on", "off", "ON"]),
+    "ECT": st.sampled_from(["slow-2g", "2g", "3g", "4g"]),
+    "Sec-CH-Viewport-Width": st.sampled_from(["320", "400", "1024", "1920", "x"]),
+    "Viewport-Width": st.sampled_from(["320", "400", "1024", "1920", "x"]),
+    "Sec-CH-DPR": st.sampled_from(["1", "2", "3", "x"]),
+    "DPR": st.sampled_from(["1", "2", "3", "x"]),
+    "User-Agent": st.sampled_from([IPHONE, IPAD, DESKTOP, "curl/8"]),
+}
+hint_requests = st.fixed_dictionaries({}, optional=HINT_HEADERS)
+
+
+@given(first=hint_requests, second=hint_requests)
+def test_vary_names_every_header_that_could_change_the_variant(
+    first: dict[str, str], second: dict[str, str]
+) -> None:
+    """A request agreeing with another on its Vary headers gets the same options (a shared
+    cache may answer it with the stored response)."""
+    chosen = resolve_options({}, first, POLICY)
+    agreeing = {name: first[name] for name in chosen.vary if name in first}
+    others = {k: v for k, v in second.items() if k not in chosen.vary}
+    assert resolve_options({}, {**others, **agreeing}, POLICY).options == chosen.options
+
+
+def test_legacy_dpr_and_viewport_width_are_always_in_vary() -> None:
+    """Vary lists DPR and Viewport-Width whether or not this request sent them."""
+    for headers in ({}, {"Viewport-Width": "400", "DPR": "3"}, {"User-Agent": IPHONE}):
+        vary = resolve_options({}, headers, POLICY).vary
+        assert {"Viewport-Width", "DPR", "Sec-CH-DPR", "Sec-CH-Viewport-Width"} <= set(vary)
+
+
 def test_save_data_and_slow_networks_prefer_small_outputs() -> None:
     """Save-Data: on and ECT 2g give mobile; 3g caps a desktop viewport at tablet."""
     assert size({}, {"Save-Data": "on", "User-Agent": DESKTOP})[0] == "mobile"
@@ -206,7 +238,7 @@ def test_breakpoint_lookup_is_monotonic() -> None:
 
 def test_cdn_form_splits_options_and_source() -> None:
     """/cdn-cgi/media/<k=v,...>/<path> names an origin path with comma-separated options."""
-    target = parse_target("/cdn-cgi/media/width=640,mode=frame/videos/a.mp4", {})
+    target = parse_target("/cdn-cgi/media/width=640,mode=frame/videos/a.mp4")
     assert (target.source, dict(target.params), target.remote) == (
         "/videos/a.mp4",
         {"width": "640", "mode": "frame"},
@@ -216,8 +248,8 @@ def test_cdn_form_splits_options_and_source() -> None:
 
 def test_both_url_forms_share_a_key() -> None:
     """The query form and the cdn-cgi form of one request have one cache key."""
-    a = parse_target("/videos/a.mp4", {"width": "640"})
-    b = parse_target("/cdn-cgi/media/width=640/videos/a.mp4", {})
+    a = parse_target("/videos/a.mp4", b"width=640")
+    b = parse_target("/cdn-cgi/media/width=640/videos/a.mp4")
     key_a = cache_key(a.source, resolve_options(a.params, {}, POLICY).options)
     key_b = cache_key(b.source, resolve_options(b.params, {}, POLICY).options)
     assert key_a == key_b
@@ -232,7 +264,7 @@ def test_both_url_forms_share_a_key() -> None:
 )
 def test_cdn_form_accepts_absolute_urls(path: str) -> None:
     """An absolute source URL survives a merged '//' and is marked remote."""
-    target = parse_target(path, {})
+    target = parse_target(path)
     assert (target.source, target.remote, target.remote_host) == (
         "https://cdn.example.com/a.mp4",
         True,
@@ -242,7 +274,7 @@ def test_cdn_form_accepts_absolute_urls(path: str) -> None:
 
 def test_remote_hosts_need_an_allow_list_entry() -> None:
     """Remote sources are 403 unless their host is listed."""
-    target = parse_target("/cdn-cgi/media/width=640/https://cdn.example.com/a.mp4", {})
+    target = parse_target("/cdn-cgi/media/width=640/https://cdn.example.com/a.mp4")
     with pytest.raises(Forbidden):
         check_remote_allowed(target, ())
     with pytest.raises(Forbidden):
@@ -256,7 +288,7 @@ def test_remote_hosts_need_an_allow_list_entry() -> None:
 def test_malformed_cdn_urls_are_400(path: str) -> None:
     """A missing source or a non key=value option is a 400."""
     with pytest.raises(InvalidOption):
-        parse_target(path, {})
+        parse_target(path)
 
 
 def test_sheet_url_keeps_the_form_and_the_options() -> None:
@@ -264,10 +296,10 @@ def test_sheet_url_keeps_the_form_and_the_options() -> None:
     options = parse_options(
         {"mode": "spritesheet", "width": "160", "height": "90", "format": "vtt"}
     )
-    local = sheet_url(parse_target("/videos/a b.mp4", {}), options)
+    local = sheet_url(parse_target("/videos/a b.mp4"), options)
     assert local.startswith("/videos/a%20b.mp4?mode=spritesheet&width=160&height=90")
     assert local.endswith("format=jpg")
-    remote_target = parse_target("/cdn-cgi/media/mode=spritesheet/https://x.example/a.mp4", {})
+    remote_target = parse_target("/cdn-cgi/media/mode=spritesheet/https://x.example/a.mp4")
     remote = sheet_url(remote_target, options)
     assert remote.startswith("/cdn-cgi/media/mode=spritesheet,width=160,height=90")
     assert remote.endswith("/https://x.example/a.mp4")

@@ -18,7 +18,14 @@ import pytest
 import trio
 
 from resizer import __version__
-from resizer.errors import Forbidden, OriginFailed, OriginTimeout, SourceNotFound, SourceTooLarge
+from resizer.errors import (
+    Forbidden,
+    OriginFailed,
+    OriginTimeout,
+    ServiceUnavailable,
+    SourceNotFound,
+    SourceTooLarge,
+)
 from resizer.sources.base import Source
 from resizer.sources.http import HttpSource, join_url, make_http_client
 from resizer.sources.security import AddressPolicy, parse_ip
@@ -157,9 +164,10 @@ def source(origin: Origin, client: httpx.AsyncClient, spill: Path, **options: fl
         base_url=origin.base_url,
         max_size=int(options.pop("max_size", 1024 * 1024)),
         headers={"X-Origin-Token": "secret"},
-        connect_timeout=1.0,
+        connect_timeout=options.pop("connect_timeout", 1.0),
         first_byte_timeout=options.pop("first_byte_timeout", 2.0),
         total_timeout=options.pop("total_timeout", 5.0),
+        idle_timeout=options.pop("idle_timeout", 5.0),
     )
 
 
@@ -250,17 +258,25 @@ async def test_redirects_to_other_hosts_are_not_followed(
 async def test_redirects_to_allowed_hosts_are_followed_three_times_at_most(
     origin: Origin, client: httpx.AsyncClient, spill: Path
 ) -> None:
-    """Up to three redirects within redirect_hosts are followed; a fourth is OriginFailed."""
+    """Up to three redirects within redirect_hosts (host:port) are followed; a fourth is
+    OriginFailed; the host without its port allows only 80 and 443."""
     for hop in range(4):
         origin.routes[f"/media/r{hop}.mp4"] = answer(302, {"Location": f"/media/r{hop + 1}.mp4"})
     origin.routes["/media/r4.mp4"] = serve(BODY)
-    http = HttpSource(
-        client, spill_dir=spill, base_url=origin.base_url, redirect_hosts=frozenset({"127.0.0.1"})
-    )
+    port = int(origin.base_url.rsplit(":", 1)[1].split("/")[0])
+
+    def redirecting_within(*hosts: str) -> HttpSource:
+        return HttpSource(
+            client, spill_dir=spill, base_url=origin.base_url, redirect_hosts=frozenset(hosts)
+        )
+
+    http = redirecting_within(f"127.0.0.1:{port}")
     async with http.open("r1.mp4") as local:  # r1 -> r2 -> r3 -> r4: three redirects
         assert local.path.read_bytes() == BODY
     with pytest.raises(OriginFailed, match="more than 3"):
         await http.stat("r0.mp4")
+    with pytest.raises(OriginFailed, match="not allowed"):
+        await redirecting_within("127.0.0.1").stat("r3.mp4")
 
 
 async def test_private_addresses_need_to_be_named(
@@ -394,6 +410,87 @@ async def test_stall_mid_body_hits_the_total_timeout(
         async with http.open("slow.mp4"):
             pytest.fail("opened a stalled object")
     assert not os.listdir(spill)
+
+
+async def test_stall_mid_body_hits_the_idle_timeout(
+    origin: Origin, client: httpx.AsyncClient, spill: Path
+) -> None:
+    """A body that stops flowing is OriginTimeout after idle_timeout, well before
+    total_timeout; no partial file."""
+    origin.routes["/media/slow.mp4"] = stall_mid_body(trio.Event())
+    http = source(origin, client, spill, idle_timeout=0.2, total_timeout=5.0)
+    start = trio.current_time()
+    with pytest.raises(OriginTimeout, match="sent nothing"):
+        async with http.open("slow.mp4"):
+            pytest.fail("opened a stalled object")
+    assert trio.current_time() - start < 2.0
+    assert not os.listdir(spill)
+
+
+class Trickle(httpx.AsyncByteStream):
+    """A body that sends 1 KiB every 20 s, three times, then nothing more."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"x" * 1024
+            await trio.sleep(20)
+        await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_range_read_ends_after_idle_timeout_without_a_byte(
+    autojump_clock: trio.testing.MockClock, spill: Path
+) -> None:
+    """Bytes every 20 s keep a range read going past idle_timeout = 30 s; 30 s without one
+    end it with OriginTimeout and close the response."""
+    body = Trickle()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(206, stream=body)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        http = HttpSource(client, spill_dir=spill, base_url="http://origin.test/", idle_timeout=30)
+
+        async def read_all() -> None:
+            async with http.open_range("clip.mp4", 0, 10_000) as chunks:
+                async for _ in chunks:
+                    pass
+
+        start = trio.current_time()
+        with pytest.raises(OriginTimeout, match="sent nothing"):
+            await read_all()
+    assert trio.current_time() - start == pytest.approx(40 + 30)  # the last byte came at 40 s
+    assert body.closed
+
+
+async def test_a_full_pool_is_service_unavailable_after_connect_timeout(
+    origin: Origin, spill: Path
+) -> None:
+    """With every pooled connection held by a stalled download, a new request fails with a
+    503 after connect_timeout instead of queueing until its first-byte timeout."""
+    started = trio.Event()
+    origin.routes["/media/slow.mp4"] = stall_mid_body(started)
+    origin.routes["/media/a.mp4"] = serve(BODY)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as client:
+        http = source(origin, client, spill, connect_timeout=0.2, first_byte_timeout=5.0)
+
+        async def hold_the_connection() -> None:
+            async with http.open("slow.mp4"):
+                pytest.fail("a stalled download completed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold_the_connection)
+            await started.wait()
+            start = trio.current_time()
+            with pytest.raises(ServiceUnavailable):
+                await http.stat("a.mp4")
+            assert trio.current_time() - start < 2.0
+            nursery.cancel_scope.cancel()
 
 
 async def test_cancelled_download_leaves_no_file(

@@ -3,7 +3,9 @@
 A missing or broken source asked for by many clients would otherwise cost an origin request
 (or an ffmpeg run) each time. Failures are kept in memory only, per process, for the TTL of
 their class (``[[origins]] ttl = { client_error = 60, server_error = 10 }``) and never beyond;
-without a TTL for the class nothing is remembered. Load shedding (503) is never remembered.
+without a TTL for the class nothing is remembered. Only outcomes of the key itself are
+remembered (``ResizerError.key_outcome``: a missing or undecodable source, an origin or
+transform failure), never what depends on one request (416, 412) or on load (503).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class FailureCache:
 
     def remember(self, key: str, error: ResizerError, ttl: Mapping[str, float]) -> None:
         """Keep ``error`` for its class's TTL (sets ``error.max_age`` for Cache-Control)."""
-        if error.status == 503:
-            return  # load shedding or an open breaker: Retry-After says when, not a TTL
+        if not error.key_outcome or error.status == 503:
+            return  # another request may succeed; an open breaker's Retry-After says when
         seconds = ttl.get(ttl_class(error.status), 0)
         if seconds <= 0:
             return

@@ -1,9 +1,12 @@
 """HTTP(S) source: downloads a remote object into a local temp file ffmpeg can seek in.
 
-Every timeout except connect is a trio cancel scope rather than an httpx timeout: httpx's
-timeouts are per socket operation, so a server trickling one byte a minute would never trip
-them, while a cancel scope bounds the whole exchange. Error messages may reach clients, so
-they name the requested path, never the (internal) origin URL.
+Every timeout except connect (and the wait for a pooled connection) is a trio cancel scope
+rather than an httpx timeout: httpx's read timeout would also cut the wait for the headers,
+which has its own bound. The first-byte and total timeouts bound an exchange as a whole (a
+server trickling one byte a minute cannot stretch them); the idle timeout bounds each read of
+a body, so a stalled origin frees its connection even when nothing else bounds the read
+(ranges streamed to ffmpeg have no total timeout). Error messages may reach clients, so they
+name the requested path, never the (internal) origin URL.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ import httpx
 import trio
 
 from .. import __version__
-from ..errors import Forbidden, OriginFailed, OriginTimeout, SourceNotFound, SourceTooLarge
+from ..errors import (
+    Forbidden,
+    OriginFailed,
+    OriginTimeout,
+    ServiceUnavailable,
+    SourceNotFound,
+    SourceTooLarge,
+)
+from ..targets import host_allowed
 from ..units import MINUTES, SECONDS, KiB, MiB
 from .base import LocalSource, SourceStat
 from .security import AddressPolicy
@@ -39,6 +50,12 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _SUFFIX_RE = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
 
 
+def _timeout(connect_timeout: float) -> httpx.Timeout:
+    # A full pool (every connection busy) fails as fast as an unreachable origin, rather
+    # than queueing each request until its first-byte timeout.
+    return httpx.Timeout(None, connect=connect_timeout, pool=connect_timeout)
+
+
 def make_http_client(connect_timeout: float) -> httpx.AsyncClient:
     """The shared client for all HTTP sources (one connection pool per process)."""
     return httpx.AsyncClient(
@@ -49,8 +66,8 @@ def make_http_client(connect_timeout: float) -> httpx.AsyncClient:
         # Redirects could point anywhere (internal hosts); an allow-list comes later.
         follow_redirects=False,
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-        # Only connect is an httpx timeout; the rest are cancel scopes in HttpSource.
-        timeout=httpx.Timeout(None, connect=connect_timeout),
+        # Only connect and pool are httpx timeouts; the rest are cancel scopes in HttpSource.
+        timeout=_timeout(connect_timeout),
         headers={"User-Agent": f"resizer/{__version__}"},
     )
 
@@ -134,6 +151,32 @@ def _last_modified(response: httpx.Response) -> float:
         return 0.0
 
 
+class _IdleBoundedStream(httpx.AsyncByteStream):
+    """A response body whose reads fail with OriginTimeout after ``timeout`` s without a byte."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, timeout: float, path: str) -> None:
+        self._inner = inner
+        self._timeout = timeout
+        self._path = path
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = aiter(self._inner)
+        while True:
+            try:
+                with trio.fail_after(self._timeout):
+                    chunk = await anext(chunks, None)
+            except trio.TooSlowError as exc:
+                raise OriginTimeout(
+                    f"origin sent nothing for {self._path!r} for {self._timeout:g} s"
+                ) from exc
+            if chunk is None:
+                return
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 RequestSigner = Callable[[httpx.Request], None]
 
 
@@ -151,6 +194,7 @@ class HttpSource:
         connect_timeout: float = 5 * SECONDS,
         first_byte_timeout: float = 20 * SECONDS,
         total_timeout: float = 5 * MINUTES,
+        idle_timeout: float = 30 * SECONDS,
         sign: RequestSigner | None = None,
         kind: str = "http",
         address_policy: AddressPolicy | None = None,
@@ -166,8 +210,9 @@ class HttpSource:
         self.headers = {"Accept-Encoding": "identity", **(headers or {})}
         self.first_byte_timeout = first_byte_timeout
         self.total_timeout = total_timeout
+        self.idle_timeout = idle_timeout
         # Per request, so a client built with other settings still honours this source's.
-        self._timeout = httpx.Timeout(None, connect=connect_timeout)
+        self._timeout = _timeout(connect_timeout)
         # Adds authentication computed from the final request (e.g. AWS SigV4) just before
         # it is sent; it may set headers, never change the URL.
         self._sign = sign
@@ -225,8 +270,8 @@ class HttpSource:
         """Bytes ``start`` to ``stop`` (exclusive) of the object, streamed as they arrive.
 
         For readers that seek (ffmpeg taking a frame near the end of a large file): only the
-        requested span crosses the network. The first-byte timeout applies; the total one is
-        the caller's (a reader may stop early, which closes the connection).
+        requested span crosses the network. The first-byte and idle timeouts apply; the total
+        one is the caller's (a reader may stop early, which closes the connection).
         """
         url = self.url(path)
         headers = {"Range": f"bytes={start}-{stop - 1}"}
@@ -274,11 +319,16 @@ class HttpSource:
     ) -> AsyncIterator[httpx.Response]:
         """Send a request and yield the response once its headers are in; body unread.
 
+        Every read of the body fails with OriginTimeout after ``idle_timeout`` without a byte.
         httpx errors raised while the caller reads the body come back through the ``yield``
         and are translated here too, so callers only ever see ResizerErrors.
         """
         try:
             response = await self._send_following_redirects(method, url, path, extra)
+            assert isinstance(response.stream, httpx.AsyncByteStream)  # an AsyncClient's
+            # Wrapping the stream itself times each network read, whatever chunking the
+            # caller asks of aiter_bytes (a 256 KiB chunk may take many reads to fill).
+            response.stream = _IdleBoundedStream(response.stream, self.idle_timeout, path)
             try:
                 yield response
             finally:
@@ -286,6 +336,12 @@ class HttpSource:
                 # must happen even when cancelled, or the pool slot leaks.
                 with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
                     await response.aclose()
+        except httpx.PoolTimeout as exc:
+            # Every pooled connection is busy: this process is overloaded, not the origin
+            # (so no breaker counts it, and no other source would fare better).
+            raise ServiceUnavailable(
+                f"no free origin connection for {path!r}; retry later"
+            ) from exc
         except httpx.TimeoutException as exc:
             raise OriginTimeout(f"origin timed out for {path!r}") from exc
         except httpx.HTTPError as exc:
@@ -318,7 +374,9 @@ class HttpSource:
             if hops == MAX_REDIRECTS:
                 break
             target = url.join(location)
-            if target.scheme not in ("http", "https") or target.host not in self.redirect_hosts:
+            if target.scheme not in ("http", "https") or not host_allowed(
+                self.redirect_hosts, target.host, target.port or _default_port(target)
+            ):
                 raise OriginFailed(f"origin redirected {path!r} to a host that is not allowed")
             if response.status_code == 303:
                 method = "GET" if method != "HEAD" else method

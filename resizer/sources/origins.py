@@ -33,7 +33,7 @@ from ..errors import (
 from .base import LocalSource, Source, SourceStat
 from .filesystem import FilesystemSource
 from .http import HttpSource
-from .security import AddressPolicy
+from .security import AddressPolicy, ListeningAddresses
 
 _TEMPLATE_RE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
@@ -151,9 +151,12 @@ class Origins:
         spill_dir: Path | None = None,
         on_breaker_change: Callable[[CircuitBreaker], None] | None = None,
         env: Mapping[str, str] | None = None,
+        listening: ListeningAddresses | None = None,
     ) -> Origins:
         """Build every configured source; raises ConfigError for missing credentials."""
-        builder = _SourceBuilder(config, client, spill_dir, env if env is not None else os.environ)
+        builder = _SourceBuilder(
+            config, client, spill_dir, env if env is not None else os.environ, listening
+        )
         origins = []
         for origin in config.origins:
             slots = []
@@ -250,12 +253,13 @@ class _SourceBuilder:
         client: httpx.AsyncClient | None,
         spill_dir: Path | None,
         env: Mapping[str, str],
+        listening: ListeningAddresses | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.spill_dir = spill_dir
         self.env = env
-        self.policy = AddressPolicy.from_config(config)
+        self.policy = AddressPolicy.from_config(config, listening)
 
     def build(self, origin: OriginConfig, source: SourceConfig) -> Source:
         if source.type == "filesystem":
@@ -285,9 +289,13 @@ class _SourceBuilder:
                 connect_timeout=source.connect_timeout,
                 first_byte_timeout=source.first_byte_timeout,
                 total_timeout=source.total_timeout,
+                idle_timeout=source.idle_timeout,
             )
         headers = {**source.headers, **self._auth_headers(origin, source)}
-        host = httpx.URL(source.base_url).host
+        base = httpx.URL(source.base_url)
+        # Redirects may stay on the source's own host and port (see targets.host_allowed).
+        own = f"[{base.host}]" if ":" in base.host else base.host
+        own += f":{base.port or (443 if base.scheme == 'https' else 80)}"
         return HttpSource(
             self.client,
             spill_dir=self.spill_dir,
@@ -297,8 +305,9 @@ class _SourceBuilder:
             connect_timeout=source.connect_timeout,
             first_byte_timeout=source.first_byte_timeout,
             total_timeout=source.total_timeout,
+            idle_timeout=source.idle_timeout,
             address_policy=self.policy,
-            redirect_hosts=frozenset({host, *self.config.security.allowed_remote_hosts}),
+            redirect_hosts=frozenset({own, *self.config.security.allowed_remote_hosts}),
         )
 
     def _auth_headers(self, origin: OriginConfig, source: SourceConfig) -> dict[str, str]:

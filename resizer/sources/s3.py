@@ -78,6 +78,7 @@ class S3Source:
         connect_timeout: float = 5 * SECONDS,
         first_byte_timeout: float = 20 * SECONDS,
         total_timeout: float = 5 * MINUTES,
+        idle_timeout: float = 30 * SECONDS,
         address_policy: AddressPolicy | None = None,
     ) -> None:
         if not region or "/" in region:
@@ -95,6 +96,7 @@ class S3Source:
             connect_timeout=connect_timeout,
             first_byte_timeout=first_byte_timeout,
             total_timeout=total_timeout,
+            idle_timeout=idle_timeout,
             sign=make_signer(credentials, region) if credentials is not None else None,
             kind=self.kind,
             address_policy=address_policy,

@@ -22,10 +22,12 @@ from ..pipeline import Job, Lookup, Service
 from ..responsive import Resolved as Choice
 from ..responsive import resolve_options
 from ..targets import Target, parse_target, sheet_url
-from .asgi import ExchangeGuard, release_on_exchange_end
+from .asgi import ERROR_HEADERS, ExchangeGuard, error_body, release_on_exchange_end
 from .hits import LOOKUP_SCOPE_KEY, HitFastPath, negotiation_headers, plan_hit
 from .ranges import (
     ByteRange,
+    check_preconditions,
+    if_range_allows,
     parse_range,
     parse_range_spec,
 )
@@ -38,8 +40,9 @@ NO_STORE = "no-store"
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str], max_age: float = 0
 ) -> Response:
-    body = json.dumps({"error": code, "message": message, "status": status})
+    body = error_body(status, code, message)
     response = Response(body, status=status, content_type="application/json")
+    response.headers.update(ERROR_HEADERS)
     # Errors are no-store unless the origin gives their class a TTL (negative caching).
     response.headers["Cache-Control"] = (
         f"public, max-age={max(1, int(max_age))}" if max_age > 0 else NO_STORE
@@ -66,7 +69,7 @@ def create_app(service: Service) -> ExchangeGuard:
 
     @app.after_request
     async def count_and_tag(response: Response) -> Response:
-        service.metrics.requests.labels(request.method, str(response.status_code)).inc()
+        service.metrics.count_request(request.method, response.status_code)
         request_id = structlog.contextvars.get_contextvars().get("request_id")
         if request_id:
             response.headers["X-Request-Id"] = str(request_id)
@@ -83,7 +86,9 @@ def create_app(service: Service) -> ExchangeGuard:
     async def render_http_error(error: HTTPException) -> Response:
         status = error.code or 500
         code = (error.name or "error").lower().replace(" ", "_")
-        return error_response(status, code, error.description or code, {})
+        # Werkzeug's own headers carry meaning (a 405's Allow); the body is ours.
+        headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+        return error_response(status, code, error.description or code, headers)
 
     @app.errorhandler(Exception)
     async def render_bug(error: Exception) -> Response:
@@ -111,7 +116,7 @@ def create_app(service: Service) -> ExchangeGuard:
 
 async def serve_media(service: Service) -> Response:
     started = trio.current_time()
-    target = parse_target(request.path, {k: v for k, v in request.args.items()})
+    target = parse_target(request.path, request.query_string)
     headers = {name: value for name, value in request.headers.items()}
     choice = resolve_options(target.params, headers, service.policy)
     key = cache_key(target.source, choice.options)
@@ -148,7 +153,14 @@ async def answer_media(
     else:
         resolved = found.resolved
         assert resolved is not None
-        if head:
+        conditions = {name.lower(): value for name, value in request.headers.items()}
+        # The variant exists ('*' matches) but has no ETag nor date before it is complete:
+        # no listed tag matches (If-Match fails), and no If-Range, which voids the Range.
+        if check_preconditions(conditions, None, None):  # may raise 412
+            response = Response(b"", status=304)  # If-None-Match: *
+            response.headers["X-Cache-Status"] = "MISS"
+            status = "MISS"
+        elif head:
             # Answering HEAD must not cost a transcode: say what a GET would send, which
             # has no Content-Length yet (an empty iterable keeps Quart from adding one).
             response = Response(no_body(), status=200)
@@ -160,7 +172,9 @@ async def answer_media(
             release_on_exchange_end(subscription.detach)
             await subscription.wait_first_bytes()
             status = "COALESCED" if subscription.joined else "MISS"
-            spec = parse_range_spec(request.headers.get("Range"))
+            spec = None
+            if if_range_allows(conditions.get("if-range"), None, None):
+                spec = parse_range_spec(conditions.get("range"))
             if spec is not None:
                 response = await respond_range_in_flight(service, subscription, spec)
             else:

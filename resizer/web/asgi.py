@@ -11,17 +11,28 @@ Three things Quart/hypercorn do not guarantee by themselves:
 * quart-trio on hypercorn 0.18 cancels the final (empty) body message of a request that sent
   ``Connection: close`` together with the request, so the socket is never closed and the
   client hangs. Shielding that one send, with a short deadline of its own, fixes it.
+
+It also refuses a request framed by both ``Transfer-Encoding`` and ``Content-Length`` (h11
+accepts it): behind a front proxy that reads the other header, that is request smuggling, so
+RFC 9112 section 6.1 wants the connection closed; resizer takes no request bodies anyway.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
 import structlog
 import trio
-from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    HTTPScope,
+    Scope,
+)
 
 from ..errors import ResizerError
 from ..units import SECONDS
@@ -43,6 +54,33 @@ def release_on_exchange_end(release: Callable[[], None]) -> None:
     releases.append(release)
 
 
+def error_body(status: int, code: str, message: str) -> bytes:
+    """The JSON body of every error resizer answers."""
+    return json.dumps({"error": code, "message": message, "status": status}).encode()
+
+
+# On every JSON error: a browser must never sniff an error body into something else.
+ERROR_HEADERS = {"X-Content-Type-Options": "nosniff"}
+
+
+def _ambiguous_framing(scope: HTTPScope) -> bool:
+    names = {name.lower() for name, _ in scope["headers"]}
+    return b"transfer-encoding" in names and b"content-length" in names
+
+
+async def _refuse_and_close(send: ASGISendCallable, message: str) -> None:
+    body = error_body(400, "bad_request", message)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"connection", b"close"),
+        *((k.lower().encode(), v.encode()) for k, v in ERROR_HEADERS.items()),
+    ]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 class ExchangeGuard:
     def __init__(self, app: ASGIFramework) -> None:
         self.app = app
@@ -52,6 +90,13 @@ class ExchangeGuard:
     ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+
+        if _ambiguous_framing(scope):
+            log.info("request refused", status=400, reason="Transfer-Encoding and Content-Length")
+            message = "a request must not carry both Transfer-Encoding and Content-Length"
+            with trio.move_on_after(FINAL_SEND_GRACE, shield=True):
+                await _refuse_and_close(send, message)
             return
 
         async def guarded_send(message: Any) -> None:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
 
 import structlog
 import trio
@@ -29,12 +28,14 @@ from hypercorn.typing import (
 )
 
 from ..cache.base import EntryMeta
+from ..concurrency.budget import AdaptiveChunks
+from ..concurrency.groups import unwrap_single_exception
 from ..errors import ResizerError
 from ..options import TransformOptions, cache_key
 from ..pipeline import Service
 from ..responsive import ACCEPT_CH, resolve_options
 from ..targets import parse_target
-from .ranges import ByteRange, http_date, if_range_allows, not_modified, parse_range
+from .ranges import ByteRange, check_preconditions, http_date, if_range_allows, parse_range
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +56,8 @@ class HitPlan:
 def plan_hit(entry: EntryMeta, request_headers: Mapping[str, str], now: float) -> HitPlan:
     """Status, headers and byte span answering a request for a cached entry (pure).
 
-    ``request_headers`` has lower-case names. Raises RangeNotSatisfiable (416).
+    ``request_headers`` has lower-case names. Raises PreconditionFailed (412) and
+    RangeNotSatisfiable (416).
     """
     headers = {
         "ETag": entry.etag,
@@ -66,15 +68,10 @@ def plan_hit(entry: EntryMeta, request_headers: Mapping[str, str], now: float) -
     }
     if entry.source:
         headers["X-Origin"], _, headers["X-Source"] = entry.source.rpartition(":")
-    if not_modified(
-        if_none_match=request_headers.get("if-none-match"),
-        if_modified_since=request_headers.get("if-modified-since"),
-        etag=entry.etag,
-        last_modified=entry.created,
-    ):
+    if check_preconditions(request_headers, entry.etag, entry.created):
         return HitPlan(304, headers, None)
     selected: ByteRange | None = None
-    if if_range_allows(request_headers.get("if-range"), entry.etag):
+    if if_range_allows(request_headers.get("if-range"), entry.etag, entry.created):
         selected = parse_range(request_headers.get("range"), entry.size)
     chosen = selected or ByteRange(0, entry.size)
     if selected is not None:
@@ -112,18 +109,19 @@ class HitFastPath:
             scope["type"] != "http"
             or scope["method"] not in ("GET", "HEAD")
             or scope["path"] in _OTHER_PATHS
-            or not await self._answer_hit(scope, send)
+            or not await self._answer_hit(scope, receive, send)
         ):
             await self.app(scope, receive, send)
 
-    async def _answer_hit(self, scope: Any, send: ASGISendCallable) -> bool:
+    async def _answer_hit(
+        self, scope: Any, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> bool:
         """Answer from the cache and return True, or return False having sent nothing."""
         started = trio.current_time()
         service = self.service
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            query = dict(reversed(parse_qsl(scope["query_string"].decode("latin-1"), True)))
-            target = parse_target(scope["path"], query)
+            target = parse_target(scope["path"], scope["query_string"])
             choice = resolve_options(target.params, headers, service.policy)
             key = cache_key(target.source, choice.options)
         except ResizerError:
@@ -141,7 +139,7 @@ class HitFastPath:
             plan = plan_hit(entry, headers, time.time())
         except ResizerError:
             scope[LOOKUP_SCOPE_KEY] = found
-            return False  # 416: Quart renders it
+            return False  # 412 or 416: Quart renders it
         request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
         response_headers = {
             **plan.headers,
@@ -168,8 +166,30 @@ class HitFastPath:
                     # answers instead (it looks the key up again).
                     return False
                 await self._start(send, scope["method"], plan.status, encoded, started)
-                complete = False
-                try:
+                if await self._send_body(reader, chunks, receive, send):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            chunks.release()
+        return True
+
+    async def _send_body(
+        self,
+        reader: AsyncIterator[bytes],
+        chunks: AdaptiveChunks,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+    ) -> bool:
+        """Send the reader's chunks; False (an abort) when the client disconnected first.
+
+        hypercorn drops body sends to a closed peer without an error, so only the
+        ``http.disconnect`` that ``receive`` reports can stop the reads (Quart's path gets
+        this from quart-trio, which cancels on disconnect).
+        """
+        complete = False
+        try:
+            with unwrap_single_exception():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
                     async for data in reader:
                         handed_over = trio.current_time()
                         message: HTTPResponseBodyEvent = {
@@ -184,13 +204,11 @@ class HitFastPath:
                         del message
                         chunks.sent(trio.current_time() - handed_over)
                     complete = True
-                finally:
-                    if not complete:
-                        service.metrics.stream_aborts.inc()
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    nursery.cancel_scope.cancel()  # the watcher, waiting on receive
         finally:
-            chunks.release()
-        return True
+            if not complete:
+                self.service.metrics.stream_aborts.inc()
+        return complete
 
     async def _start(
         self,
@@ -202,5 +220,12 @@ class HitFastPath:
     ) -> None:
         metrics = self.service.metrics
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        metrics.requests.labels(method, str(status)).inc()
+        metrics.count_request(method, status)
         metrics.request_seconds.labels("HIT").observe(trio.current_time() - started)
+
+
+async def _cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once the client has gone (the request's own messages are ignored)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()

@@ -66,6 +66,7 @@ async def serve_resizer(
         binds: list[str] = await nursery.start(
             _serve_http, service, hypercorn_config(config, port=port, fd=fd), shutdown_trigger
         )
+        service.listening.add_binds(binds)
         task_status.started((service, binds))
 
 
