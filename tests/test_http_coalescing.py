@@ -213,7 +213,9 @@ async def test_new_keys_beyond_the_in_flight_limit_get_503(
 async def test_ranges_of_a_key_in_flight_come_from_its_output(
     clips: Path, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    """Range requests during a miss: 206 from the spool (size unknown: ``/*``), no 2nd run."""
+    """Range requests during a miss: a closed range is a 206 from the spool (size unknown:
+    ``/*``); ``bytes=0-`` is the live stream as a 200; ``a-`` and a suffix wait for the end
+    (a 206 never ends before the output does); no second run."""
     release = trio.Event()
 
     async def hold_after_five(index: int) -> None:
@@ -246,15 +248,33 @@ async def test_ranges_of_a_key_in_flight_come_from_its_output(
 
         clients.start_soon(fetch_range, "bytes=20000-20999")  # not produced yet: waits
         clients.start_soon(fetch_range, "bytes=-100")  # needs the total: waits for the end
-        with trio.fail_after(10):  # both attached to the Work (coalesced) and are waiting
-            await poll_until(lambda: metric(server, "coalesced") == 3)
+        clients.start_soon(fetch_range, "bytes=1000-")  # produced, but open-ended: the end
+        live: list[httpx.Response] = []
+        live_body = bytearray()
+
+        async def fetch_everything() -> None:
+            async with client.stream("GET", url, headers={"Range": "bytes=0-"}) as response:
+                live.append(response)
+                async for data in response.aiter_bytes():
+                    live_body.extend(data)
+
+        clients.start_soon(fetch_everything)  # everything: streams live at once
+        with trio.fail_after(10):  # all attached to the Work (coalesced); only 0- answered
+            await poll_until(lambda: metric(server, "coalesced") == 5)
+            await poll_until(lambda: len(live) == 1)
         assert not ranged
+        assert live[0].status_code == 200
+        assert "Content-Range" not in live[0].headers
+        assert live[0].headers["Accept-Ranges"] == "bytes"
         release.set()
+    assert bytes(live_body) == expected  # read to the end once the Work went on
     by_range = {r.headers["Content-Range"]: r.content for r in ranged}
     assert by_range == {
         "bytes 20000-20999/*": expected[20000:21000],
         "bytes 49900-49999/50000": expected[-100:],
+        "bytes 1000-49999/50000": expected[1000:],
     }
+    assert {r.status_code for r in ranged} == {206}
     assert full[0].content == expected
     assert fake.runs_started == 1
 

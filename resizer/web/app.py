@@ -23,6 +23,7 @@ from ..responsive import Resolved as Choice
 from ..responsive import resolve_options
 from ..targets import Target, parse_target, sheet_url
 from .asgi import ERROR_HEADERS, ExchangeGuard, error_body, release_on_exchange_end
+from .cors import Cors, CorsPolicy
 from .hits import LOOKUP_SCOPE_KEY, HitFastPath, negotiation_headers, plan_hit
 from .ranges import (
     ByteRange,
@@ -111,7 +112,10 @@ def create_app(service: Service) -> ExchangeGuard:
     async def media(_path: str) -> Response:
         return await serve_media(service)
 
-    return ExchangeGuard(HitFastPath(app, service))
+    # Inside the guard: its shielded final send covers preflights too, and its own answer
+    # (a 400 to TE + CL framing, which browsers never send) needs no CORS headers.
+    policy = CorsPolicy.of(service.config.http.cors_allow_origins)
+    return ExchangeGuard(Cors(HitFastPath(app, service), policy, service.metrics.count_request))
 
 
 async def serve_media(service: Service) -> Response:
@@ -175,9 +179,12 @@ async def answer_media(
             spec = None
             if if_range_allows(conditions.get("if-range"), None, None):
                 spec = parse_range_spec(conditions.get("range"))
-            if spec is not None:
+            if spec is not None and spec != (0, None):
                 response = await respond_range_in_flight(service, subscription, spec)
             else:
+                # bytes=0- asks for everything: the live stream, as a 200 (RFC 9110 lets a
+                # server ignore Range). A short 206 would end before the output does, and
+                # Chromium fails on that; its total is unknown until the Work is done.
                 response = Response(stream_subscription(service, subscription), status=200)
             response.headers["X-Cache-Status"] = status
         response.headers["X-Origin"] = resolved.origin
@@ -244,23 +251,24 @@ async def respond_range_in_flight(
 ) -> Response:
     """A byte range of output still being produced, served from the spool (no new work).
 
-    ``a-b`` waits until byte b exists; ``a-`` sends what exists now (``bytes a-c/*``, the
-    client asks again for more); a suffix range needs the total size, so it waits for the end.
+    ``a-b`` waits until byte b exists (``bytes a-b/*`` while the total is unknown). ``a-``
+    (a > 0: a player reading on, or seeking, past what it has) and a suffix range need the
+    end of the output, so they wait for it: a 206 must name its last byte, and one that ends
+    before the output does (``bytes a-c/*`` with what exists now) breaks players.
     """
     first, last = spec
-    if first is None:
+    if first is None or last is None:
         progress = await subscription.wait_for(lambda p: False)  # the end
     else:
-        needed = first if last is None else last
-        progress = await subscription.wait_for(lambda p: p.produced > needed)
+        progress = await subscription.wait_for(lambda p: p.produced > last)
     done = progress.state is WorkState.DONE
     if done:
         selected = parse_range(request.headers.get("Range"), progress.produced)  # may be 416
         assert selected is not None
     else:
         assert first is not None
-        stop = progress.produced if last is None else min(last + 1, progress.produced)
-        selected = ByteRange(first, stop)
+        assert last is not None
+        selected = ByteRange(first, min(last + 1, progress.produced))
     response = Response(
         stream_subscription(service, subscription, selected.start, selected.stop), status=206
     )
