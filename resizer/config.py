@@ -54,6 +54,13 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    # Web pages ("scheme://host[:port]") whose scripts may read responses, as players built
+    # on Media Source Extensions do; ["*"]: any page (no credentials); []: no CORS headers.
+    cors_allow_origins: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -140,6 +147,20 @@ class CoalescingConfig:
 
 
 @dataclass(frozen=True)
+class HlsConfig:
+    """HLS on the fly (format=hls): segment length, read-ahead, idle runs, the ladder."""
+
+    # Every segment but the last is this long: keyframes are forced at its multiples.
+    segment_seconds: Duration = Duration(4 * SECONDS)
+    # A run producing segments keeps this many ahead of the newest one asked for.
+    prefetch_segments: int = 3
+    # A run stops when no client has asked for one of its segments for this long.
+    idle_timeout: Duration = Duration(20 * SECONDS)
+    # The renditions of a master playlist (format=hls&ladder=) that names none.
+    ladder: tuple[str, ...] = ("mobile", "tablet", "desktop")
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     # Hosts whose absolute http(s) URLs the /cdn-cgi/media form may fetch; empty: none (403).
     allowed_remote_hosts: tuple[str, ...] = ()
@@ -217,6 +238,7 @@ class OriginConfig:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
@@ -224,6 +246,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     responsive: ResponsiveConfig = field(default_factory=ResponsiveConfig)
     coalescing: CoalescingConfig = field(default_factory=CoalescingConfig)
+    hls: HlsConfig = field(default_factory=HlsConfig)
     derivatives: dict[str, dict[str, str]] = field(
         default_factory=lambda: dict(DEFAULT_DERIVATIVES)
     )
@@ -258,6 +281,7 @@ priority = 0
 
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
+    "http": HttpConfig,
     "logging": LoggingConfig,
     "cache": CacheConfig,
     "transform": TransformConfig,
@@ -265,6 +289,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "security": SecurityConfig,
     "responsive": ResponsiveConfig,
     "coalescing": CoalescingConfig,
+    "hls": HlsConfig,
 }
 
 # Shipped presets; [derivatives.<name>] tables add to or replace them.
@@ -568,6 +593,16 @@ def _check_derivatives(config: Config, problems: _Problems) -> None:
     for device in responsive.devices:
         if device not in ("mobile", "tablet", "desktop"):
             problems.add(f"responsive.devices.{device}", "device classes: mobile, tablet, desktop")
+    for name in config.hls.ladder:
+        if name not in config.derivatives:
+            problems.add("hls.ladder", f"no derivative named {name!r}")
+    hls = config.hls
+    if not 1 <= hls.segment_seconds <= 30:
+        problems.add("hls.segment_seconds", "must lie within 1s-30s")
+    if not 0 <= hls.prefetch_segments <= 30:
+        problems.add("hls.prefetch_segments", "must lie within 0-30")
+    if hls.idle_timeout <= 0:
+        problems.add("hls.idle_timeout", "must be positive")
 
 
 def _check(config: Config, problems: _Problems) -> None:
@@ -598,11 +633,26 @@ def _check(config: Config, problems: _Problems) -> None:
         problems.add("transform.timeout", "must be positive")
     if not config.origins:
         problems.add("origins", "at least one [[origins]] table is required")
+    _check_cors_origins(config.http.cors_allow_origins, problems)
     for entry in config.security.allowed_remote_hosts:
         try:
             split_host_port(entry)
         except ValueError as exc:
             problems.add("security.allowed_remote_hosts", str(exc))
+
+
+# What a browser sends as Origin: scheme://host[:port], no path (IPv6 hosts in brackets).
+_ORIGIN_RE = re.compile(
+    r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[^/?#@:\s\[\]]+)(:\d{1,5})?", re.IGNORECASE
+)
+
+
+def _check_cors_origins(origins: tuple[str, ...], problems: _Problems) -> None:
+    for origin in origins:
+        if origin != "*" and not _ORIGIN_RE.fullmatch(origin):
+            problems.add("http.cors_allow_origins", f"{origin!r} is not * or scheme://host[:port]")
+    if "*" in origins and len(origins) > 1:
+        problems.add("http.cors_allow_origins", '"*" already allows every origin; list it alone')
 
 
 def load_config(
