@@ -32,6 +32,9 @@ MAX_FILENAME = 120
 DEFAULT_IMAGE_COUNT = 16
 MAX_IMAGE_COUNT = 100
 MAX_FPS = 60
+MAX_SEGMENT = 99_999  # HLS segment index (a 5-minute output has 75 four-second segments)
+INIT_SEGMENT = -1  # segment=init: the HLS init segment (ftyp + moov)
+MAX_LADDER = 8  # renditions in a master playlist
 
 KEY_VERSION = "v1"
 
@@ -67,6 +70,7 @@ class OutputFormat(enum.StrEnum):
     WEBP = "webp"
     VTT = "vtt"
     M4A = "m4a"
+    HLS = "hls"  # a playlist; with ``segment``, one of its fMP4 segments
 
 
 CONTENT_TYPES: dict[OutputFormat, str] = {
@@ -76,10 +80,12 @@ CONTENT_TYPES: dict[OutputFormat, str] = {
     OutputFormat.WEBP: "image/webp",
     OutputFormat.VTT: "text/vtt; charset=utf-8",
     OutputFormat.M4A: "audio/mp4",
+    OutputFormat.HLS: "application/vnd.apple.mpegurl",
 }
+SEGMENT_CONTENT_TYPE = "video/mp4"
 
 FORMATS_BY_MODE: dict[Mode, tuple[OutputFormat, ...]] = {
-    Mode.VIDEO: (OutputFormat.MP4,),
+    Mode.VIDEO: (OutputFormat.MP4, OutputFormat.HLS),
     Mode.FRAME: (OutputFormat.JPG, OutputFormat.PNG, OutputFormat.WEBP),
     Mode.SPRITESHEET: (OutputFormat.JPG, OutputFormat.VTT),
     Mode.AUDIO: (OutputFormat.M4A,),
@@ -97,7 +103,7 @@ MODE_BY_FORMAT: dict[OutputFormat, Mode] = {
 # Canonical parameter names as documented (lookups are case-insensitive).
 PARAMS = (
     "mode", "width", "height", "fit", "time", "duration", "audio", "quality",
-    "compression", "fps", "format", "imageCount", "filename",
+    "compression", "fps", "format", "imageCount", "filename", "segment", "ladder",
 )  # fmt: skip
 _CANONICAL_NAME = {name.lower(): name for name in PARAMS}
 
@@ -120,6 +126,7 @@ _FORMAT_ALIASES = {"jpeg": OutputFormat.JPG}
 PARAMS_BY_MODE: dict[Mode, frozenset[str]] = {
     Mode.VIDEO: frozenset(
         {"width", "height", "fit", "time", "duration", "audio", "quality", "compression", "fps"}
+        | {"segment", "ladder"}  # format=hls only
     ),
     Mode.FRAME: frozenset({"width", "height", "fit", "time", "quality"}),
     Mode.SPRITESHEET: frozenset(
@@ -130,6 +137,10 @@ PARAMS_BY_MODE: dict[Mode, frozenset[str]] = {
 _ALWAYS = frozenset({"mode", "format", "filename"})
 
 _FILENAME_RE = re.compile(rf"^[a-z0-9_-]{{1,{MAX_FILENAME}}}$")
+_DERIVATIVE_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+# ladder=mobile+tablet (canonical: valid in a query, where + is a space, and in the
+# /cdn-cgi/media form, whose options are comma-separated); commas work in a query too.
+_LADDER_SEPARATORS = re.compile(r"[\s,+|]+")
 _TIME_RE = re.compile(r"^(?P<num>\d{1,9}(?:\.\d{1,6})?|\.\d{1,6})(?P<unit>ms|s|m)?$")
 
 
@@ -167,14 +178,23 @@ class TransformOptions:
     fps: int | None = None
     format: OutputFormat = OutputFormat.MP4
     image_count: int = DEFAULT_IMAGE_COUNT
+    # format=hls: None is the media playlist, INIT_SEGMENT or an index one of its segments.
+    segment: int | None = None
+    # format=hls: derivatives of a master playlist (() until the configured default fills it).
+    ladder: tuple[str, ...] | None = None
+    # format=hls: the segment length, from configuration ([hls] segment_seconds), not the
+    # request; in the key so that entries of another segmentation are never mixed in.
+    segment_ms: int | None = None
     filename: str | None = field(default=None, compare=False)
 
     @property
     def content_type(self) -> str:
-        return CONTENT_TYPES[self.format]
+        return SEGMENT_CONTENT_TYPE if self.segment is not None else CONTENT_TYPES[self.format]
 
     @property
     def extension(self) -> str:
+        if self.format is OutputFormat.HLS:
+            return "m3u8" if self.segment is None else "mp4"
         return self.format.value
 
     def canonical(self) -> str:
@@ -202,7 +222,17 @@ class TransformOptions:
         if self.mode is Mode.SPRITESHEET:
             parts.append(f"imageCount={self.image_count}")
         parts.append(f"format={self.format.value}")
+        if self.segment is not None:
+            parts.append(f"segment={format_segment(self.segment)}")
+        if self.ladder is not None:
+            parts.append(f"ladder={'+'.join(self.ladder)}")
+        if self.segment_ms is not None:
+            parts.append(f"segmentLength={format_ms(self.segment_ms)}")
         return "&".join(parts)
+
+
+def format_segment(segment: int) -> str:
+    return "init" if segment == INIT_SEGMENT else str(segment)
 
 
 def format_ms(ms: int) -> str:
@@ -371,6 +401,7 @@ def build_options(params: Mapping[str, str], limits: Limits = Limits()) -> Trans
             )
 
     fit = _choice("fit", params["fit"], Fit, _FIT_ALIASES) if "fit" in params else Fit.CONTAIN
+    segment, ladder = _hls_params(params, output_format, width, height)
     return TransformOptions(
         mode=mode,
         width=width,
@@ -393,8 +424,38 @@ def build_options(params: Mapping[str, str], limits: Limits = Limits()) -> Trans
             if "imageCount" in params
             else DEFAULT_IMAGE_COUNT
         ),
+        segment=segment,
+        ladder=ladder,
         filename=parse_filename(params["filename"]) if "filename" in params else None,
     )
+
+
+def _hls_params(
+    params: Mapping[str, str], output_format: OutputFormat, width: int | None, height: int | None
+) -> tuple[int | None, tuple[str, ...] | None]:
+    """``segment`` and ``ladder``, which only format=hls takes (and not both at once)."""
+    for name in ("segment", "ladder"):
+        if name in params and output_format is not OutputFormat.HLS:
+            raise InvalidOption(name, "applies to format=hls only")
+    segment: int | None = None
+    if "segment" in params:
+        raw = params["segment"].strip().lower()
+        segment = INIT_SEGMENT if raw == "init" else parse_int("segment", raw, 0, MAX_SEGMENT)
+    if "ladder" not in params:
+        return segment, None
+    if segment is not None:
+        raise InvalidOption("ladder", "a master playlist has no segments; drop segment")
+    if width is not None or height is not None:
+        raise InvalidOption(
+            "ladder", "the ladder's derivatives choose the sizes; drop width/height"
+        )
+    names = [name.lower() for name in _LADDER_SEPARATORS.split(params["ladder"]) if name]
+    for name in names:
+        if not _DERIVATIVE_RE.match(name):
+            raise InvalidOption("ladder", f"{name!r} is not a derivative name")
+    if len(names) > MAX_LADDER or len(set(names)) != len(names):
+        raise InvalidOption("ladder", f"list at most {MAX_LADDER} distinct derivatives")
+    return segment, tuple(names)
 
 
 def parse_options(query: Mapping[str, str], limits: Limits = Limits()) -> TransformOptions:

@@ -38,6 +38,8 @@ from .errors import (
     SourceTooLarge,
     TransformFailed,
 )
+from .hls import render_playlist
+from .hls.runs import SegmentRuns
 from .metrics import Metrics
 from .options import Mode, OutputFormat, TransformOptions
 from .responsive import policy_from_config
@@ -45,9 +47,9 @@ from .sources.http import HttpSource, make_http_client
 from .sources.origins import Origins, Resolved
 from .sources.range_proxy import RangeProxy, RangeSource
 from .sources.security import AddressPolicy, ListeningAddresses
-from .targets import Target, check_remote_allowed
+from .targets import Target, check_remote_allowed, sheet_url
 from .transform.argv import EncoderSettings
-from .transform.base import LoopbackUrl, MediaInput, Transformer
+from .transform.base import LoopbackUrl, MediaInfo, MediaInput, Transformer
 from .transform.checks import SourceLimits, check_options, check_source
 from .transform.runner import FfmpegTransformer, resolve_ffmpeg
 from .transform.vtt import build_thumbnail_vtt
@@ -63,7 +65,9 @@ class Job:
     key: str
     source: Resolved
     options: TransformOptions
-    sheet_url: str = ""  # for format=vtt: the spritesheet the cues point at
+    # What was asked for, for outputs that link to other variants (a VTT track's
+    # spritesheet, a playlist's segments) in the request's URL form.
+    target: Target | None = None
 
 
 @dataclass
@@ -110,6 +114,7 @@ class Service:
         self.policy = policy_from_config(config)
         self.failures = FailureCache(time.monotonic)
         self.range_proxy = RangeProxy()  # served by open_service
+        self.hls = SegmentRuns(self)  # served by open_service
         # Where the server listens (origins may never point there); filled once bound.
         self.listening = listening or ListeningAddresses()
         self.loop_lag = LoopLag()  # served by open_service
@@ -235,10 +240,13 @@ class Service:
         """Fetch, transform and spool into the cache; runs in the service nursery."""
         self.metrics.inflight_works.inc()
         try:
+            if job.options.segment is not None:
+                await self.hls.produce(work, job)  # an HLS segment comes from a segment run
+                return
             if self.leases is None:
-                if await self._finish_from_cache(work, job.key):
+                if await self.finish_from_cache(work, job.key):
                     return
-                async with self._origin_slot():
+                async with self.origin_slot():
                     await self._fetch_transform_spool(work, job)
                 return
             while True:
@@ -262,10 +270,10 @@ class Service:
     async def _lead(self, work: Work, job: Job, lead: Lead) -> None:
         """Produce ``job`` holding its cross-process lease; others may tail the output."""
         # The previous leader may have published just before we took the lease.
-        if await self._finish_from_cache(work, job.key):
+        if await self.finish_from_cache(work, job.key):
             return
         with unwrap_single_exception():
-            async with self._origin_slot(), trio.open_nursery() as nursery:
+            async with self.origin_slot(), trio.open_nursery() as nursery:
                 work.followed_elsewhere = lead.followed
                 # Our clients may all leave while other processes still follow: then this
                 # watcher ends the Work once they have left too.
@@ -273,7 +281,7 @@ class Service:
                 await self._fetch_transform_spool(work, job, lead)
                 nursery.cancel_scope.cancel()
 
-    async def _finish_from_cache(self, work: Work, key: str) -> bool:
+    async def finish_from_cache(self, work: Work, key: str) -> bool:
         """Serve ``work`` from an entry published since its clients looked (True), if any.
 
         A request whose lookup missed just before another Work published cannot join that
@@ -343,7 +351,7 @@ class Service:
         raise TransformFailed("the process producing this output stopped before it finished")
 
     @asynccontextmanager
-    async def _origin_slot(self) -> AsyncIterator[None]:
+    async def origin_slot(self) -> AsyncIterator[None]:
         """One of max_concurrent_origins slots, waiting at most origin_queue_timeout."""
         timeout = self.config.limits.origin_queue_timeout
         acquired = False
@@ -361,7 +369,7 @@ class Service:
             self.origin_limiter.release()
 
     @asynccontextmanager
-    async def _open_input(self, job: Job) -> AsyncIterator[tuple[MediaInput, int]]:
+    async def open_input(self, job: Job) -> AsyncIterator[tuple[MediaInput, int]]:
         """What ffmpeg reads, and its size: a local file, or a seekable loopback URL.
 
         A frame or a VTT track needs only part of a large remote file (the index and one
@@ -415,7 +423,7 @@ class Service:
                 options=job.options.canonical(),
                 source=f"{job.source.origin}:{job.source.source.kind}",
             ) as writer,
-            self._open_input(job) as (media, size),
+            self.open_input(job) as (media, size),
         ):
             work.spool_into(writer)
             if lead is not None:
@@ -425,12 +433,10 @@ class Service:
             info = await self.transformer.probe(media)
             check_source(info, size, self.source_limits)
             check_options(job.options, info)
-            if job.options.format is OutputFormat.VTT:
-                # A thumbnail track is text computed from the probe: no ffmpeg run.
-                vtt = build_thumbnail_vtt(
-                    job.sheet_url, job.options, info, self.config.limits.max_duration
-                )
-                await writer.write(vtt.encode())
+            text = self._text_from_probe(job, info)
+            if text is not None:
+                # A thumbnail track or a playlist is text computed from the probe: no ffmpeg.
+                await writer.write(text.encode())
                 work.advance(writer.bytes_written)
                 work.finish(await writer.commit())
                 return
@@ -449,6 +455,18 @@ class Service:
             entry = await writer.commit()
         work.finish(entry)
         log.info("work done", key=job.key, size=entry.size)
+
+    def _text_from_probe(self, job: Job, info: MediaInfo) -> str | None:
+        """The output of ``job`` when it is a document about the source, else None."""
+        options, target = job.options, job.target
+        max_output = self.config.limits.max_duration
+        if options.format is OutputFormat.VTT:
+            assert target is not None
+            return build_thumbnail_vtt(sheet_url(target, options), options, info, max_output)
+        if options.format is OutputFormat.HLS:
+            assert target is not None
+            return render_playlist(options, target, info, self.policy, max_output)
+        return None
 
 
 def build_cache(config: Config) -> CacheStore:
@@ -518,6 +536,7 @@ async def open_service(
             listening=listening,
         )
         await services.start(service.range_proxy.serve)
+        await services.start(service.hls.serve)
         await services.start(service.loop_lag.serve)
         await services.start(service.heap_trimmer.serve)
         yield service

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .config import Config
 from .errors import InvalidOption
@@ -27,6 +27,7 @@ from .options import (
     MODE_BY_FORMAT,
     Limits,
     Mode,
+    OutputFormat,
     TransformOptions,
     build_options,
     normalize_params,
@@ -60,6 +61,8 @@ class Policy:
     medium_network_derivative: str | None = None
     size_tolerance: float = 0.25
     aspect_tolerance: float = 0.1
+    hls_ladder: tuple[str, ...] = ()  # a master playlist's renditions when it names none
+    hls_segment_ms: int = 4000  # [hls] segment_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,13 +235,28 @@ def resolve_options(raw: Mapping[str, str], headers: Mapping[str, str], policy: 
         policy.responsive
         and "width" not in params
         and "height" not in params
+        and "ladder" not in params  # a master playlist lists every size
         and _mode_of(params) in (Mode.VIDEO, Mode.FRAME)
     ):
         derivative, vary = _from_hints(headers, policy)
     if derivative is not None:
         base = normalize_params(policy.derivatives[derivative])
     merged = {**base, **params}
-    return Resolved(build_options(merged, policy.limits), derivative, tuple(vary))
+    options = build_options(merged, policy.limits)
+    if options.ladder is not None:
+        options = replace(options, ladder=_ladder(options.ladder, policy))
+    if options.format is OutputFormat.HLS:
+        options = replace(options, segment_ms=policy.hls_segment_ms)
+    return Resolved(options, derivative, tuple(vary))
+
+
+def _ladder(names: tuple[str, ...], policy: Policy) -> tuple[str, ...]:
+    """The master playlist's derivatives: as asked (each must exist), or the configured ones."""
+    for name in names:
+        if name not in policy.derivatives:
+            allowed = ", ".join(sorted(policy.derivatives)) or "none configured"
+            raise InvalidOption("ladder", f"{name!r} is not a derivative; allowed: {allowed}")
+    return names or policy.hls_ladder
 
 
 def _mode_of(params: Mapping[str, str]) -> Mode | None:
@@ -269,4 +287,6 @@ def policy_from_config(config: Config) -> Policy:
         medium_network_derivative=responsive.medium_network_derivative,
         size_tolerance=responsive.size_tolerance,
         aspect_tolerance=responsive.aspect_tolerance,
+        hls_ladder=config.hls.ladder,
+        hls_segment_ms=round(config.hls.segment_seconds * 1000),
     )

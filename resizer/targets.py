@@ -152,13 +152,20 @@ def check_remote_allowed(target: Target, allowed_hosts: tuple[str, ...]) -> None
         )
 
 
-def sheet_url(target: Target, options: TransformOptions) -> str:
-    """The URL of the spritesheet a VTT track points at (same options, format=jpg).
+def variant_url(target: Target, options: TransformOptions) -> str:
+    """An absolute-path URL for ``options`` of ``target``'s source, in the request's form.
 
-    Query form for origin paths, /cdn-cgi/media form for remote URLs; absolute paths, so the
-    VTT stays valid whatever host served it (players resolve them against the VTT's URL).
+    Query form for origin paths, /cdn-cgi/media form for remote URLs (and for requests that
+    used it); absolute paths, so a document linking to it (a VTT track, a playlist) stays
+    valid whatever host served it (players resolve them against the document's URL).
     """
-    canonical = replace(options, format=OutputFormat.JPG).canonical()
-    if target.remote:
-        return f"{CDN_PREFIX}{canonical.replace('&', ',')}/{target.source}"
+    canonical = options.canonical()
+    if target.remote or target.cdn_form:
+        source = target.source if target.remote else quote(target.source.lstrip("/"))
+        return f"{CDN_PREFIX}{canonical.replace('&', ',')}/{source}"
     return f"{quote(target.source)}?{canonical}"
+
+
+def sheet_url(target: Target, options: TransformOptions) -> str:
+    """The URL of the spritesheet a VTT track points at (same options, format=jpg)."""
+    return variant_url(target, replace(options, format=OutputFormat.JPG))

@@ -15,11 +15,12 @@ auto-rotates by the display matrix before our filters run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import InvalidOption, UnsupportedMedia
 from ..options import FORMATS_BY_MODE, Fit, Level, Mode, OutputFormat, TransformOptions
 from .base import LoopbackUrl, MediaInfo, MediaInput
+from .h264 import level_for, level_option
 
 # Demuxers a source may be read with: common video containers, plus audio and still-image
 # demuxers so those are recognised (and refused as 415 by the probe) rather than failing
@@ -58,6 +59,14 @@ DEFAULT_INPUT_FORMATS: tuple[str, ...] = (
 )
 
 FRAGMENTED_MP4_FLAGS = "frag_keyframe+empty_moov+default_base_moof"
+# mode=video adds delay_moov: the moov (still sample-free, still before any fragment) is
+# written once the first fragment is cut, so its edit lists can state the B-frame delay (the
+# first frame's composition offset) instead of the whole video starting that late; and
+# frag_discont: a track's first timestamp goes into its first tfdt, not into the edit list
+# (an empty edit) nor a stretched first sample (where players put the sample at 0). The edit
+# lists then hold only the encoder's reordering delay, and the init is the same for every
+# start, including a run whose timestamps are offset with -output_ts_offset.
+VIDEO_MP4_FLAGS = FRAGMENTED_MP4_FLAGS + "+delay_moov+frag_discont"
 
 # quality -> encoder settings (docs/api.md cites these tables).
 VIDEO_CRF = {Level.LOW: 28, Level.MEDIUM: 23, Level.HIGH: 19, Level.AUTO: 23}
@@ -80,6 +89,8 @@ class EncoderSettings:
     video_codec: str = "libx264"
     audio_codec: str = "aac"
     audio_channels: int = 2
+    # Samples the audio encoder emits before the first one it is given (AAC-LC: 1024).
+    audio_priming: int = 1024
     threads: int = 0  # 0: let the encoder choose
     # A keyframe (and so a new MP4 fragment) every this many seconds: bounds the time to the
     # first media fragment and the seek granularity of the streamed output.
@@ -259,12 +270,70 @@ def build_argv(
     span = output_span_ms(options, info, settings.max_output_seconds)
     # -ss before -i seeks fast, and re-encoding makes the cut frame-accurate.
     start = ["-ss", _seconds(options.time_ms / 1000)] if options.time_ms else []
+    if start and options.mode is Mode.VIDEO:
+        # Keep what is decoded from the keyframe on: the video filters start with the frame
+        # on screen at the instant, which an accurate seek drops (and with it the only frame
+        # of a start inside the last one); the audio filter cuts at the instant's sample.
+        start.append("-noaccurate_seek")
     clip = [*start, *input_args(source, settings), "-t", _seconds(span / 1000)]
     if options.mode is Mode.AUDIO:
         return [*common, *clip, *_audio_args(info, options, settings)]
     if options.mode is Mode.SPRITESHEET:
         return [*common, *clip, *_sheet_args(info, options, settings, span)]
+    if options.format is OutputFormat.HLS:
+        return [*common, *hls_run_args(source, info, options, settings)]
     return [*common, *clip, *_video_args(info, options, settings)]
+
+
+def hls_run_args(
+    source: MediaInput, info: MediaInfo, options: TransformOptions, settings: EncoderSettings
+) -> list[str]:
+    """An HLS segment run: the rendition's output from segment ``options.segment`` on.
+
+    Its fragments are the segments: a keyframe is forced at every multiple of the segment
+    length and no other (no scene-cut keyframes, a GOP cap beyond it), and ``frag_keyframe``
+    cuts a fragment at each. A run starting at segment k seeks the source to k segments past
+    ``time`` and offsets its timestamps by as much (``frag_discont`` writes them into the
+    fragments), so runs starting anywhere splice; the init segment (ftyp + moov, no edit
+    list) is byte-identical for every start. The H.264 level is set to what the master
+    playlist announces (``transform.h264``).
+    """
+    assert options.segment_ms is not None
+    assert options.segment is not None
+    seconds = options.segment_ms / 1000
+    offset = max(0, options.segment) * seconds
+    span = output_span_ms(options, info, settings.max_output_seconds) / 1000
+    start = options.time_ms / 1000 + offset
+    clip = [*(["-ss", _seconds(start)] if start else []), *input_args(source, settings)]
+    clip += ["-t", _seconds(max(0.001, span - offset))]
+    encode = _video_args(info, options, replace(settings, gop_seconds=seconds))
+    encode = encode[: encode.index("-movflags")]  # the container is set below
+    if "-g" in encode:  # forced keyframes alone decide: the GOP cap must not add any
+        at = encode.index("-g")
+        encode[at + 1] = str(int(encode[at + 1]) * 2 + 1)
+    width, height = plan_size(
+        (info.display_width, info.display_height),
+        options.width,
+        options.height,
+        options.fit,
+        even=True,
+    ).output
+    level = level_for(width, height, float(options.fps or info.fps or 25))
+    return [
+        *clip,
+        *encode,
+        "-sc_threshold",
+        "0",
+        "-level:v",
+        level_option(level),
+        "-output_ts_offset",
+        _seconds(offset),
+        "-movflags",
+        FRAGMENTED_MP4_FLAGS + "+frag_discont",
+        "-f",
+        "mp4",
+        "pipe:1",
+    ]
 
 
 def _video_args(info: MediaInfo, options: TransformOptions, settings: EncoderSettings) -> list[str]:
@@ -280,9 +349,12 @@ def _video_args(info: MediaInfo, options: TransformOptions, settings: EncoderSet
         options.fit,
         even=True,
     )
-    filters = size_filters(plan, settings.scale_flags)
-    if options.fps:
-        filters.insert(0, f"fps={options.fps}")  # fewer frames to scale
+    # Constant frame rate (what ffmpeg does for MP4 anyway; 25 is its own fallback), first,
+    # so fewer frames are scaled. Each frame is the one on screen at its time (round=up), and
+    # the first is at exactly 0: the one on screen at the instant, or the first one repeated
+    # if the video starts later than the audio. Every track starts at 0.
+    rate = options.fps or ("source_fps" if info.fps else 25)
+    filters = [f"fps={rate}:start_time=0:round=up", *size_filters(plan, settings.scale_flags)]
     args += ["-vf", ",".join(filters)]
     args += [
         "-c:v",
@@ -303,12 +375,21 @@ def _video_args(info: MediaInfo, options: TransformOptions, settings: EncoderSet
     if fps:
         args += ["-g", str(max(1, round(fps * settings.gop_seconds)))]
     if with_audio:
+        # From exactly 0 too (silence where the source's audio starts later, samples before
+        # the instant cut), then the encoder's priming takes the place of the first samples:
+        # its first packet is at 0 like the video's first frame, so the audio needs neither
+        # an edit list (which ffmpeg can only write with an offset that varies) nor a
+        # negative timestamp (which a fragment's tfdt cannot hold).
+        resample = "aresample=async=1:first_pts=0"
+        args += ["-af", f"{resample},atrim=start_sample={settings.audio_priming}"]
         args += _aac_args(options, settings)
     else:
         args += ["-an"]
-    # empty_moov: the header is written before any sample, so bytes flow at once;
-    # frag_keyframe: one moof+mdat per GOP; default_base_moof: what MSE/browsers expect.
-    return [*args, "-movflags", FRAGMENTED_MP4_FLAGS, "-f", "mp4", "pipe:1"]
+    # empty_moov: the header has no samples, the fragments carry them all, so bytes stream
+    # while ffmpeg runs; frag_keyframe: one moof+mdat per GOP; default_base_moof: what
+    # MSE/browsers expect. See VIDEO_MP4_FLAGS for the rest; -use_editlist makes ffmpeg
+    # write the edit lists that fragmented output otherwise leaves out.
+    return [*args, "-movflags", VIDEO_MP4_FLAGS, "-use_editlist", "1", "-f", "mp4", "pipe:1"]
 
 
 def _aac_args(options: TransformOptions, settings: EncoderSettings) -> list[str]:

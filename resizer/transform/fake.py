@@ -9,14 +9,16 @@ failed or were abandoned, so a test can assert "exactly one transform ran".
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
 from ..errors import ResizerError, TransformFailed
-from ..options import TransformOptions
+from ..options import OutputFormat, TransformOptions
+from .argv import output_span_ms
 from .base import MediaInfo, MediaInput
 
 DEFAULT_INFO = MediaInfo(
@@ -36,6 +38,36 @@ def fake_output(options: TransformOptions, size: int) -> bytes:
         total += len(block)
         counter += 1
     return b"".join(blocks)[:size]
+
+
+def fake_box(kind: bytes, payload: bytes) -> bytes:
+    """One top-level MP4 box."""
+    return struct.pack(">I4s", 8 + len(payload), kind) + payload
+
+
+def fake_hls_init(options: TransformOptions) -> bytes:
+    """What a fake HLS run writes first: ftyp + moov, the same for every run of a rendition."""
+    rendition = replace(options, segment=None).canonical().encode()
+    return fake_box(b"ftyp", b"isom") + fake_box(b"moov", b"init " + rendition)
+
+
+def fake_hls_segment(options: TransformOptions, index: int, size: int = 3_000) -> bytes:
+    """Segment ``index`` of a fake HLS rendition: moof + mdat, the same from every run."""
+    rendition = replace(options, segment=None)
+    moof = fake_box(b"moof", f"segment {index} of ".encode() + rendition.canonical().encode())
+    return moof + fake_box(b"mdat", fake_output(replace(rendition, segment=index), size))
+
+
+def fake_hls_run(
+    options: TransformOptions, info: MediaInfo, max_output_seconds: float = 300.0
+) -> bytes:
+    """A fake run's whole output: the init segment, then segments from ``options.segment``."""
+    assert options.segment_ms is not None
+    count = -(-output_span_ms(options, info, max_output_seconds) // options.segment_ms)
+    first = max(0, options.segment or 0)
+    return fake_hls_init(options) + b"".join(
+        fake_hls_segment(options, index) for index in range(first, count)
+    )
 
 
 def _default_failure() -> ResizerError:
@@ -77,6 +109,8 @@ class FakeTransformer:
     def output_for(self, options: TransformOptions) -> bytes:
         """The complete bytes a successful run with ``options`` delivers."""
         if self.output is None:
+            if options.format is OutputFormat.HLS and options.segment is not None:
+                return fake_hls_run(options, self.info)
             return fake_output(options, self.size)
         if callable(self.output):
             return self.output(options)

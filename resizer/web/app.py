@@ -17,11 +17,11 @@ from ..cache.base import EntryMeta
 from ..concurrency.coalescing import Subscription, WorkState
 from ..errors import ResizerError
 from ..metrics import CONTENT_TYPE_LATEST
-from ..options import OutputFormat, TransformOptions, cache_key
+from ..options import TransformOptions, cache_key
 from ..pipeline import Job, Lookup, Service
 from ..responsive import Resolved as Choice
 from ..responsive import resolve_options
-from ..targets import Target, parse_target, sheet_url
+from ..targets import Target, parse_target
 from .asgi import ERROR_HEADERS, ExchangeGuard, error_body, release_on_exchange_end
 from .cors import Cors, CorsPolicy
 from .hits import LOOKUP_SCOPE_KEY, HitFastPath, negotiation_headers, plan_hit
@@ -171,8 +171,7 @@ async def answer_media(
             response.headers["X-Cache-Status"] = "MISS"
             status = "MISS"
         else:
-            sheet = sheet_url(target, options) if options.format is OutputFormat.VTT else ""
-            subscription = service.subscribe(Job(key, resolved, options, sheet))
+            subscription = service.subscribe(Job(key, resolved, options, target))
             release_on_exchange_end(subscription.detach)
             await subscription.wait_first_bytes()
             status = "COALESCED" if subscription.joined else "MISS"
