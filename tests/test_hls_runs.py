@@ -22,6 +22,7 @@ from resizer.sources.origins import Origin, Origins, Resolved
 from resizer.targets import parse_target
 from resizer.transform.base import MediaInfo
 from resizer.transform.fake import FakeTransformer, fake_hls_init, fake_hls_segment
+from tests.harness import CancelAtStep
 
 PATH = "/v/clip.mp4"
 INFO = MediaInfo(  # 40 s: ten 4-second segments
@@ -29,6 +30,7 @@ INFO = MediaInfo(  # 40 s: ten 4-second segments
 )
 IDLE = 20.0
 PREFETCH = 3
+MAX_STEPS = 200
 
 
 @dataclass
@@ -227,3 +229,48 @@ async def test_a_run_abandoned_mid_segment_publishes_nothing_partial(
         assert world.runs() == []
         assert world.service.transform_limiter.borrowed_tokens == 0
         assert len(world.service.registry) == 0
+
+
+async def fetch_cancelled_at(
+    world: HlsWorld, segment: int, instrument: CancelAtStep, steps: int, result: list[bytes]
+) -> None:
+    """Fetch ``segment`` in a task cancelled at its ``steps``-th step."""
+    with trio.CancelScope() as scope:
+        instrument.watch(steps, scope)
+        result.append(await world.fetch(segment))
+
+
+async def test_a_segment_client_cancelled_at_every_checkpoint_leaves_nothing_behind(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client of segment 1 cancelled at step 1, 2, 3 ... (mid-run, mid-segment, while
+    paused): once idle, no run, no ffmpeg, no token, no Work; every entry is whole."""
+    for step in range(1, MAX_STEPS):
+        instrument = CancelAtStep()
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            folder = tmp_path / str(step)
+            folder.mkdir()
+            async with open_hls_world(folder) as world:
+                result: list[bytes] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(fetch_cancelled_at, world, 1, instrument, step, result)
+                await until(lambda world=world: world.runs() == [], step=0.5)
+                service = world.service
+                assert world.transformer.running == 0
+                assert service.transform_limiter.borrowed_tokens == 0
+                assert service.origin_limiter.borrowed_tokens == 0
+                assert len(service.registry) == 0
+                for index in (INIT_SEGMENT, *range(10)):
+                    entry = await world.cache.lookup(world.job(index).key)
+                    if entry is not None:
+                        async with world.cache.open_range(entry, 0, entry.size) as chunks:
+                            body = b"".join([chunk async for chunk in chunks])
+                        assert body == world.expected(index), index
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+        if result or not instrument.fired:
+            assert result == [world.expected(1)]
+            break
+    else:
+        pytest.fail("the client never completed")
