@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,10 @@ async def test_a_run_abandoned_mid_segment_publishes_nothing_partial(
         assert len(world.service.registry) == 0
 
 
+def no_runs(world: HlsWorld) -> bool:
+    return world.runs() == []
+
+
 async def fetch_cancelled_at(
     world: HlsWorld, segment: int, instrument: CancelAtStep, steps: int, result: list[bytes]
 ) -> None:
@@ -255,7 +260,7 @@ async def test_a_segment_client_cancelled_at_every_checkpoint_leaves_nothing_beh
                 result: list[bytes] = []
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(fetch_cancelled_at, world, 1, instrument, step, result)
-                await until(lambda world=world: world.runs() == [], step=0.5)
+                await until(partial(no_runs, world), step=0.5)
                 service = world.service
                 assert world.transformer.running == 0
                 assert service.transform_limiter.borrowed_tokens == 0

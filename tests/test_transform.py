@@ -33,6 +33,16 @@ from resizer.transform.fake import FakeTransformer
 from resizer.transform.probe import parse_probe_output
 from resizer.transform.runner import FfmpegTransformer, resolve_ffmpeg
 from resizer.transform.vtt import build_thumbnail_vtt, vtt_timestamp
+from tests.avsync import (
+    AUDIO_FRAME,
+    audio_start,
+    beep_time,
+    flash_time,
+    init_segment,
+    make_event_clip,
+    top_level_boxes,
+    video_frames,
+)
 from tests.media import ffmpeg_banner, ffmpeg_exe, make_test_video
 
 BANNERS = Path(__file__).parent / "banners"
@@ -417,7 +427,9 @@ def test_video_argv_for_every_video_option() -> None:
     assert argv.index("-ss") < argv.index("-i")
     assert value_after(argv, "-ss") == "1.500"
     assert value_after(argv, "-t") == "2.000"
-    assert value_after(argv, "-vf").startswith("fps=10,scale=1138:640")
+    assert value_after(argv, "-vf").startswith(
+        "tpad=stop_mode=clone:stop_duration=0.5,fps=10:start_time=0,scale=1138:640"
+    )
     assert "crop=640:640" in value_after(argv, "-vf")
     assert "-an" in argv
     assert "0:a:0" not in argv
@@ -553,7 +565,8 @@ SMALL = MediaInfo(2000, 320, 240, has_audio=True, video_codec="h264", fps=25.0)
 def test_video_fit_filters(width: int | None, height: int | None, fit: Fit, graph: str) -> None:
     """Video fits from a 320x240 source: scale-down never upscales, cover scales up then
     crops to the (even) box, one side keeps the aspect."""
-    assert value_after(argv_for(SMALL, width=width, height=height, fit=fit), "-vf") == graph
+    filters = value_after(argv_for(SMALL, width=width, height=height, fit=fit), "-vf")
+    assert filters.split(",", 2)[2] == graph  # after tpad and fps (test_transform_argv.py)
 
 
 @pytest.mark.parametrize(
@@ -831,3 +844,94 @@ async def test_audio_mode_decodes_as_aac_only(
     assert re.search(r"Audio: aac .*stereo", text)
     assert "Video:" not in text
     assert abs(banner_seconds(out) - 1.0) <= 0.2
+
+
+# --- A/V sync, the shared init and the last frame (real ffmpeg) -----------------------------
+
+REAL_FOOTAGE = Path("/work/shared/media/bigbuckbunny.mp4")  # 25 fps, 5.31 s, 5.1 AAC
+HALF_FRAME = 1 / 50  # the 25 fps event clips' frames land on a grid that starts at the instant
+
+
+@pytest.fixture(scope="module")
+def event_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[float, Path]:
+    folder = tmp_path_factory.mktemp("events")
+    return {delay: make_event_clip(folder / f"late{delay}.mp4", delay) for delay in (0.0, 0.1)}
+
+
+@pytest.mark.parametrize("time_ms", [0, 480, 500])
+@pytest.mark.parametrize("audio_delay", [0.0, 0.1], ids=["together", "audio-later"])
+async def test_video_tracks_start_at_the_instant_and_stay_in_step(
+    transformer: FfmpegTransformer,
+    event_clips: dict[float, Path],
+    tmp_path: Path,
+    audio_delay: float,
+    time_ms: int,
+) -> None:
+    """Both tracks start at 0 (no B-frame delay before the video), the flash is where it was
+    in the source, and the beep is as far from it as in the source, within one AAC frame
+    (where the source's audio starts later, the output keeps that offset, as silence)."""
+    source = event_clips[audio_delay]
+    out = await render(transformer, source, tmp_path, time_ms=time_ms, width=160)
+    start = time_ms / 1000
+    assert video_frames(out)[0][0] == pytest.approx(0, abs=AUDIO_FRAME)
+    assert audio_start(out) == pytest.approx(0, abs=AUDIO_FRAME)
+    flash, beep = flash_time(out), beep_time(out)
+    source_flash, source_beep = flash_time(source), beep_time(source)
+    assert flash is not None
+    assert beep is not None
+    assert source_flash is not None
+    assert source_beep is not None
+    assert flash == pytest.approx(source_flash - start, abs=HALF_FRAME + 1e-6)
+    assert beep - flash == pytest.approx(source_beep - source_flash, abs=AUDIO_FRAME)
+
+
+async def test_video_init_is_the_same_for_every_start(
+    transformer: FfmpegTransformer, event_clips: dict[float, Path], tmp_path: Path
+) -> None:
+    """ftyp+moov do not depend on time or duration (HLS runs share one init), and hold the
+    edit lists that state the video's B-frame delay; no sample is in the moov."""
+    source = event_clips[0.1]
+    inits = set()
+    for time_ms, duration_ms in [(0, None), (500, None), (1300, 400)]:
+        out = await render(transformer, source, tmp_path, time_ms=time_ms, duration_ms=duration_ms)
+        data = out.read_bytes()
+        kinds = [kind for kind, _ in top_level_boxes(data)]
+        assert kinds[:3] == [b"ftyp", b"moov", b"moof"]
+        assert kinds.count(b"moof") == kinds.count(b"mdat")
+        inits.add(init_segment(data))
+    (init,) = inits
+    assert init.count(b"elst") == 2  # one per track
+    assert b"trun" not in init
+
+
+@pytest.mark.parametrize(("time_ms", "duration_ms"), [(1970, 10), (1999, None), (1961, 1)])
+async def test_start_inside_the_last_frame_gives_that_frame(
+    transformer: FfmpegTransformer,
+    clips: dict[str, Path],
+    tmp_path: Path,
+    time_ms: int,
+    duration_ms: int | None,
+) -> None:
+    """The 2 s clip's last frame is on screen from 1.96 s: a start inside it is a one-frame
+    video at 0, not an output without a frame."""
+    out = await render(
+        transformer, clips["short"], tmp_path, time_ms=time_ms, duration_ms=duration_ms
+    )
+    assert [time for time, _ in video_frames(out)] == [0.0]
+
+
+@pytest.mark.skipif(not REAL_FOOTAGE.exists(), reason="no shared real footage here")
+@pytest.mark.parametrize("time_ms", [0, 2000, 5290])
+async def test_real_footage_starts_both_tracks_at_the_instant(
+    transformer: FfmpegTransformer, tmp_path: Path, time_ms: int
+) -> None:
+    """Big Buck Bunny (5.1 AAC, B-frames): video and audio start at 0 from any instant; at
+    5.29 s, past its last frame's end (5.28 s) but before its audio's, that frame remains."""
+    out = await render(transformer, REAL_FOOTAGE, tmp_path, time_ms=time_ms, width=320)
+    frames = video_frames(out)
+    assert frames, "no video frame"
+    assert frames[0][0] == pytest.approx(0, abs=AUDIO_FRAME)
+    if time_ms == 5290:
+        assert len(frames) == 1
+    else:
+        assert audio_start(out) == pytest.approx(0, abs=AUDIO_FRAME)

@@ -15,6 +15,7 @@ from resizer.options import Fit, Level, Mode, OutputFormat, TransformOptions
 from resizer.transform.argv import (
     DEFAULT_INPUT_FORMATS,
     FRAGMENTED_MP4_FLAGS,
+    VIDEO_MP4_FLAGS,
     EncoderSettings,
     build_argv,
     plan_size,
@@ -28,6 +29,9 @@ AV = MediaInfo(10_000, 1280, 720, has_audio=True, video_codec="h264", fps=25.0)
 SILENT = MediaInfo(10_000, 640, 272, has_audio=False, video_codec="h264", fps=25.0)
 PORTRAIT = MediaInfo(10_000, 1280, 720, has_audio=True, video_codec="h264", fps=25.0, rotation=90)
 SETTINGS = EncoderSettings()
+
+# Every mode=video graph starts with these (see test_video_timing_filters).
+TIMING = "tpad=stop_mode=clone:stop_duration=0.5,fps=source_fps:start_time=0"
 
 SIZES: list[tuple[int | None, int | None]] = [(None, None), (640, None), (None, 360), (640, 640)]
 FRAME_FORMATS = [OutputFormat.JPG, OutputFormat.PNG, OutputFormat.WEBP]
@@ -157,7 +161,9 @@ def test_video_with_audio() -> None:
     assert value_of(argv, "-c:a") == "aac"
     assert value_of(argv, "-b:a") == "128k"
     assert value_of(argv, "-ac") == "2"
-    assert value_of(argv, "-movflags") == FRAGMENTED_MP4_FLAGS
+    assert value_of(argv, "-movflags") == VIDEO_MP4_FLAGS
+    assert value_of(argv, "-use_editlist") == "1"
+    assert value_of(argv, "-af") == "aresample=async=1:first_pts=0,atrim=start_sample=1024"
     assert value_of(argv, "-f") == "mp4"
     assert value_of(argv, "-t") == "10.000"
     assert "-ss" not in argv  # time=0: no seek at all
@@ -173,7 +179,7 @@ def test_video_without_audio_has_no_audio_track(info: MediaInfo, options: Transf
     """No audio in the source (or audio=false): no audio map, no AAC options, -an."""
     argv = argv_of(info, options)
     assert maps(argv) == ["0:V:0"]
-    assert not {"-c:a", "-b:a", "-ac"} & set(argv)
+    assert not {"-c:a", "-b:a", "-ac", "-af"} & set(argv)
     assert "-an" in argv
 
 
@@ -208,9 +214,12 @@ def test_gop_follows_frame_rate(fps: float, gop: str) -> None:
 
 
 def test_requested_fps_drives_gop_and_filter() -> None:
-    """fps=10 resamples first (fewer frames to scale) and sizes the GOP at 10 fps."""
+    """fps=10 resamples before scaling (fewer frames to scale) and sizes the GOP at 10 fps."""
     argv = argv_of(AV, video(fps=10))
-    assert value_of(argv, "-vf").startswith("fps=10,scale=")
+    assert value_of(argv, "-vf").split(",")[1:3] == [
+        "fps=10:start_time=0",
+        "scale=1280:720:flags=lanczos",
+    ]
     assert value_of(argv, "-g") == "20"
 
 
@@ -223,9 +232,10 @@ def test_unknown_frame_rate_relies_on_forced_keyframes() -> None:
 
 
 def test_clip_seeks_before_input_and_limits_length() -> None:
-    """time/duration: -ss before -i (fast seek), -t after it for the output length."""
+    """time/duration: -ss before -i (fast seek) keeping the frames decoded before the instant
+    (the filters pick the one on screen at it), -t after it for the output length."""
     argv = argv_of(AV, video(time_ms=2000, duration_ms=3000))
-    assert argv.index("-ss") < argv.index("-i") < argv.index("-t")
+    assert argv.index("-ss") < argv.index("-noaccurate_seek") < argv.index("-i") < argv.index("-t")
     assert (value_of(argv, "-ss"), value_of(argv, "-t")) == ("2.000", "3.000")
 
 
@@ -244,12 +254,77 @@ def test_clip_seeks_before_input_and_limits_length() -> None:
 )
 def test_video_sizes(width: int | None, height: int | None, fit: Fit, vf: str) -> None:
     """Each size/fit combination keeps the aspect ratio with even dimensions."""
-    assert value_of(argv_of(AV, video(width, height, fit)), "-vf") == vf
+    assert value_of(argv_of(AV, video(width, height, fit)), "-vf") == f"{TIMING},{vf}"
 
 
 def test_video_size_uses_the_displayed_orientation() -> None:
     """A portrait (rotated) source scales by its upright size: width 360 -> 360x640."""
-    assert value_of(argv_of(PORTRAIT, video(360)), "-vf") == "scale=360:640:flags=lanczos,setsar=1"
+    vf = f"{TIMING},scale=360:640:flags=lanczos,setsar=1"
+    assert value_of(argv_of(PORTRAIT, video(360)), "-vf") == vf
+
+
+def test_video_container_keeps_timing_out_of_the_init() -> None:
+    """Fragmented MP4 (sample-free moov, a fragment per keyframe) whose moov waits for the
+    first fragment so its edit lists state the B-frame delay; start times go into tfdt."""
+    argv = argv_of(AV, video(time_ms=1500))
+    flags = value_of(argv, "-movflags").split("+")
+    assert flags == [*FRAGMENTED_MP4_FLAGS.split("+"), "delay_moov", "frag_discont"]
+    assert {"empty_moov", "frag_keyframe"} <= set(flags)
+    assert value_of(argv, "-use_editlist") == "1"
+    assert argv[-3:] == ["-f", "mp4", "pipe:1"]
+    # Audio (m4a) keeps the plain fragmented flags.
+    audio = argv_of(AV, TransformOptions(mode=Mode.AUDIO, format=OutputFormat.M4A))
+    assert value_of(audio, "-movflags") == FRAGMENTED_MP4_FLAGS
+    assert "-use_editlist" not in audio
+
+
+@pytest.mark.parametrize(
+    ("info", "options", "fps", "tail"),
+    [
+        (AV, video(), "source_fps", "0.5"),
+        (AV, video(fps=12), "12", "0.5"),
+        (MediaInfo(10_000, 640, 360, has_audio=False, video_codec="h264"), video(), "25", "0.5"),
+        (
+            MediaInfo(10_000, 640, 360, has_audio=False, video_codec="h264", fps=1.0),
+            video(),
+            "source_fps",
+            "2",
+        ),
+    ],
+    ids=["source-rate", "asked-rate", "unknown-rate", "slideshow"],
+)
+def test_video_timing_filters(
+    info: MediaInfo, options: TransformOptions, fps: str, tail: str
+) -> None:
+    """The last frame is held for the tail window (two frames at least), then a constant rate
+    (the source's own, the one asked for, or ffmpeg's fallback of 25) starting at exactly 0."""
+    filters = value_of(argv_of(info, options), "-vf").split(",")
+    assert filters[:2] == [f"tpad=stop_mode=clone:stop_duration={tail}", f"fps={fps}:start_time=0"]
+
+
+def test_audio_starts_at_zero_with_the_priming_in_place_of_the_first_samples() -> None:
+    """Silence before a late audio track, nothing before the instant, then the encoder's
+    priming (audio_priming samples) replaces the first samples so its first packet is at 0."""
+    argv = argv_of(AV, video(time_ms=700), EncoderSettings(audio_priming=2048))
+    assert value_of(argv, "-af") == "aresample=async=1:first_pts=0,atrim=start_sample=2048"
+    assert argv.index("-af") < argv.index("-c:a")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        TransformOptions(mode=Mode.AUDIO, format=OutputFormat.M4A, time_ms=1000),
+        TransformOptions(
+            mode=Mode.SPRITESHEET, format=OutputFormat.JPG, width=80, height=60, time_ms=1000
+        ),
+        video(),
+    ],
+    ids=["audio", "spritesheet", "video-from-the-start"],
+)
+def test_only_a_video_seek_keeps_the_frames_before_the_instant(options: TransformOptions) -> None:
+    """Audio and spritesheets keep ffmpeg's accurate seek (their filters do not trim), and a
+    video from the start has no seek at all."""
+    assert "-noaccurate_seek" not in argv_of(AV, options)
 
 
 # --- mode=frame -------------------------------------------------------------------------------

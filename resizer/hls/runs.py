@@ -15,7 +15,7 @@ leaving its cancel scope kills ffmpeg and discards the segment being written.
 
 Runs of different start points splice: keyframes are forced at every segment boundary,
 ffmpeg offsets each run's timestamps to its first segment's start, and the init segment is
-the same for every run (see ``transform.argv.hls_run_args``).
+the same for every run of more than a few frames (see ``transform.argv.hls_run_args``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ log = structlog.get_logger(__name__)
 _JOIN_SLACK = 2
 # A segment Work that saw its run end without its segment tries a new run this many times.
 _ATTEMPTS = 3
+# See _cut: a run with less output than this left never publishes the init segment.
+_INIT_MIN_SPAN_MS = 1_000
 
 
 def rendition_options(options: TransformOptions) -> TransformOptions:
@@ -146,7 +148,7 @@ class SegmentRuns:
             if run.ended.is_set():
                 continue
             if index == INIT_SEGMENT:
-                if not run.init_ready.is_set():
+                if run.start == 0 and not run.init_ready.is_set():
                     return run
             elif run.start <= index and run.position <= index <= (
                 max(run.position, run.wanted_until) + _JOIN_SLACK
@@ -232,13 +234,17 @@ class SegmentRuns:
         splitter = BoxSplitter()
         init = bytearray()
         index = run.start
+        # A run of a few frames writes another init (no B-frame delay, maybe no audio
+        # samples): only a run long enough to look like every other may publish it.
+        remaining = segments.span_ms - segments.start_ms(run.start)
+        publishes_init = run.start == 0 or remaining >= _INIT_MIN_SPAN_MS
         async with AsyncExitStack() as stack:
             writer: CacheWriter | None = None
             while data := await out.receive_some(service.config.cache.read_chunk):
                 for piece in splitter.feed(data):
                     if piece.part is Part.INIT:
                         init += piece.data
-                        if piece.init_complete:
+                        if piece.init_complete and publishes_init:
                             await self._publish(job, INIT_SEGMENT, bytes(init))
                             run.init_ready.set()
                         continue

@@ -293,10 +293,11 @@ def hls_run_args(
     Its fragments are the segments: a keyframe is forced at every multiple of the segment
     length and no other (no scene-cut keyframes, a GOP cap beyond it), and ``frag_keyframe``
     cuts a fragment at each. A run starting at segment k seeks the source to k segments past
-    ``time`` and offsets its timestamps by as much (``frag_discont`` writes them into the
-    fragments), so runs starting anywhere splice; the init segment (ftyp + moov, no edit
-    list) is byte-identical for every start. The H.264 level is set to what the master
-    playlist announces (``transform.h264``).
+    ``time`` and offsets its timestamps by as much (``frag_discont`` writes them into each
+    fragment's tfdt), so runs starting anywhere splice; the container is mode=video's
+    (``VIDEO_MP4_FLAGS``: the edit lists hold only the B-frame delay), so the init segment is
+    byte-identical for every start but a tiny one (see ``hls.runs``). The H.264 level is set
+    to what the master playlist announces (``transform.h264``).
     """
     assert options.segment_ms is not None
     assert options.segment is not None
@@ -304,7 +305,9 @@ def hls_run_args(
     offset = max(0, options.segment) * seconds
     span = output_span_ms(options, info, settings.max_output_seconds) / 1000
     start = options.time_ms / 1000 + offset
-    clip = [*(["-ss", _seconds(start)] if start else []), *input_args(source, settings)]
+    # As for mode=video: the frame on screen at the instant is the run's first frame.
+    seek = ["-ss", _seconds(start), "-noaccurate_seek"] if start else []
+    clip = [*seek, *input_args(source, settings)]
     clip += ["-t", _seconds(max(0.001, span - offset))]
     encode = _video_args(info, options, replace(settings, gop_seconds=seconds))
     encode = encode[: encode.index("-movflags")]  # the container is set below
@@ -329,7 +332,9 @@ def hls_run_args(
         "-output_ts_offset",
         _seconds(offset),
         "-movflags",
-        FRAGMENTED_MP4_FLAGS + "+frag_discont",
+        VIDEO_MP4_FLAGS,
+        "-use_editlist",
+        "1",
         "-f",
         "mp4",
         "pipe:1",
@@ -349,12 +354,18 @@ def _video_args(info: MediaInfo, options: TransformOptions, settings: EncoderSet
         options.fit,
         even=True,
     )
-    # Constant frame rate (what ffmpeg does for MP4 anyway; 25 is its own fallback), first,
-    # so fewer frames are scaled. Each frame is the one on screen at its time (round=up), and
-    # the first is at exactly 0: the one on screen at the instant, or the first one repeated
-    # if the video starts later than the audio. Every track starts at 0.
+    # The last frame stays on screen for the tail window, so an instant inside it, or past it
+    # but before the end of a longer audio track, still has a frame (-t cuts what this adds
+    # beyond the source's end). Then a constant frame rate (what ffmpeg does for MP4 anyway;
+    # 25 is its own fallback), before scaling so fewer frames are scaled, whose first frame is
+    # at exactly 0: the one on screen at the instant, or the first one repeated if the video
+    # starts later than the audio.
     rate = options.fps or ("source_fps" if info.fps else 25)
-    filters = [f"fps={rate}:start_time=0:round=up", *size_filters(plan, settings.scale_flags)]
+    filters = [
+        f"tpad=stop_mode=clone:stop_duration={_number(_tail_seconds(info, settings))}",
+        f"fps={rate}:start_time=0",
+        *size_filters(plan, settings.scale_flags),
+    ]
     args += ["-vf", ",".join(filters)]
     args += [
         "-c:v",
@@ -456,9 +467,7 @@ def _frame_seek_and_filters(
         else []
     )
     requested = options.time_ms / 1000
-    tail = settings.tail_seconds
-    if info.fps:
-        tail = max(tail, 2 / info.fps)  # at least two frames even for slideshow-like sources
+    tail = _tail_seconds(info, settings)
     if info.duration_ms is None or requested < info.duration_ms / 1000 - tail:
         return requested, resize
     # Near or past the end: decode the tail window and return the last frame shown at or
@@ -468,6 +477,11 @@ def _frame_seek_and_filters(
     select = f"select=lte(t\\,{_number(requested - seek)})"  # \, : a comma inside the graph
     # Scale before reverse so the buffered frames (at most the tail window) are small.
     return seek, [select, *resize, "reverse"]
+
+
+def _tail_seconds(info: MediaInfo, settings: EncoderSettings) -> float:
+    # At least two frames even for slideshow-like sources.
+    return max(settings.tail_seconds, 2 / info.fps) if info.fps else settings.tail_seconds
 
 
 def _frame_args(filters: list[str], options: TransformOptions) -> list[str]:
