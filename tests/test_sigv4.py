@@ -250,8 +250,10 @@ def test_credentials_repr_hides_the_secrets() -> None:
 
 
 # Keys as S3 allows them: any Unicode except surrogates (not encodable as UTF-8).
+# Keys as sources can name them: join_url drops "." segments and refuses "..", so no signed
+# path has one (httpx would also normalise them away, unlike botocore).
 keys = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40).filter(
-    lambda key: not key.startswith("/")
+    lambda key: not key.startswith("/") and not {".", ".."} & set(key.split("/"))
 )
 
 
