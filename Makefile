@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit clean loadtest
+.PHONY: install players run test lint typecheck unit clean loadtest
 
 SCENARIO ?= baseline
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Browsers and hls.js for tests/test_players.py (apt as root, npm ci); fast when present.
+players:
+	bash tests/players/install.sh
+
 run: install
 	$(BIN)/resizer serve
 
@@ -25,7 +29,7 @@ lint: install
 	$(BIN)/ruff format --check resizer tests loadtest
 	$(BIN)/mypy
 
-unit: install
+unit: install players
 	$(BIN)/pytest -q
 
 test: lint unit
@@ -39,4 +43,4 @@ loadtest: install
 		$(if $(PLAYBACK),--playback $(PLAYBACK))
 
 clean:
-	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache tests/players/node_modules

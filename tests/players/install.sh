@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what tests/test_players.py plays with, when it is missing: Debian's chromium and
+# firefox-esr (apt, as root: CI runs .ci/run as root on a fresh machine) and hls.js pinned by
+# package-lock.json (npm ci). Idempotent; with everything present it only checks and returns.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+# firefox-esr's Recommends bring libavcodec, which it needs to decode H.264: keep them.
+command -v firefox-esr >/dev/null || missing+=(firefox-esr)
+command -v npm >/dev/null || missing+=(npm)
+
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "tests/players/install.sh: missing ${missing[*]}; as root run:" >&2
+        echo "  apt-get update && apt-get install -y ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "tests/players/install.sh: installing ${missing[*]} (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}"
+fi
+
+# npm writes node_modules/.package-lock.json last: older than the lock means a changed pin.
+if [[ ! -f node_modules/hls.js/dist/hls.min.js || package-lock.json -nt node_modules/.package-lock.json ]]; then
+    echo "tests/players/install.sh: npm ci (hls.js)"
+    npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+fi
