@@ -8,7 +8,7 @@ from dataclasses import replace
 from ..options import TransformOptions, build_options, normalize_params
 from ..responsive import Policy
 from ..targets import Target, variant_url
-from ..transform.argv import AUDIO_BITRATE, X264_PRESET, plan_size
+from ..transform.argv import AUDIO_BITRATE, X264_PRESET, video_fps, video_plan
 from ..transform.base import MediaInfo
 from ..transform.h264 import codec_string
 from .playlist import (
@@ -21,8 +21,6 @@ from .playlist import (
 from .runs import rendition_options, segmentation
 
 __all__ = ["render_playlist", "rendition_options"]
-
-DEFAULT_FPS = 25.0  # when the source does not say
 
 
 def render_playlist(
@@ -44,14 +42,8 @@ def render_playlist(
         rendition = replace(
             options, ladder=None, width=preset.width, height=preset.height, fit=preset.fit
         )
-        width, height = plan_size(
-            (info.display_width, info.display_height),
-            rendition.width,
-            rendition.height,
-            rendition.fit,
-            even=True,
-        ).output
-        fps = float(rendition.fps or info.fps or DEFAULT_FPS)
+        width, height = video_plan(info, rendition).output
+        fps = video_fps(info, rendition)
         audio = info.has_audio and rendition.audio
         audio_bits = int(AUDIO_BITRATE[rendition.quality].removesuffix("k")) * 1000
         codecs = codec_string(width, height, fps, X264_PRESET[rendition.compression])

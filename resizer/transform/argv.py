@@ -314,14 +314,8 @@ def hls_run_args(
     if "-g" in encode:  # forced keyframes alone decide: the GOP cap must not add any
         at = encode.index("-g")
         encode[at + 1] = str(int(encode[at + 1]) * 2 + 1)
-    width, height = plan_size(
-        (info.display_width, info.display_height),
-        options.width,
-        options.height,
-        options.fit,
-        even=True,
-    ).output
-    level = level_for(width, height, float(options.fps or info.fps or 25))
+    width, height = video_plan(info, options).output
+    level = level_for(width, height, video_fps(info, options))
     return [
         *clip,
         *encode,
@@ -341,19 +335,29 @@ def hls_run_args(
     ]
 
 
-def _video_args(info: MediaInfo, options: TransformOptions, settings: EncoderSettings) -> list[str]:
-    with_audio = info.has_audio and options.audio
-    args = ["-map", "0:V:0"]  # capital V: never an attached picture / cover art
-    if with_audio:
-        args += ["-map", "0:a:0"]
-    args += ["-map_metadata", "-1", "-map_chapters", "-1"]  # don't leak GPS tags etc.
-    plan = plan_size(
+def video_plan(info: MediaInfo, options: TransformOptions) -> SizePlan:
+    """How mode=video sizes its output (H.264 4:2:0: even sides)."""
+    return plan_size(
         (info.display_width, info.display_height),
         options.width,
         options.height,
         options.fit,
         even=True,
     )
+
+
+def video_fps(info: MediaInfo, options: TransformOptions) -> float:
+    """The frame rate of mode=video output: asked for, else the source's, else ffmpeg's 25."""
+    return float(options.fps or info.fps or 25)
+
+
+def _video_args(info: MediaInfo, options: TransformOptions, settings: EncoderSettings) -> list[str]:
+    with_audio = info.has_audio and options.audio
+    args = ["-map", "0:V:0"]  # capital V: never an attached picture / cover art
+    if with_audio:
+        args += ["-map", "0:a:0"]
+    args += ["-map_metadata", "-1", "-map_chapters", "-1"]  # don't leak GPS tags etc.
+    plan = video_plan(info, options)
     # The last frame stays on screen for the tail window, so an instant inside it, or past it
     # but before the end of a longer audio track, still has a frame (-t cuts what this adds
     # beyond the source's end). Then a constant frame rate (what ffmpeg does for MP4 anyway;
