@@ -144,6 +144,7 @@ class DiskCacheStore:
     ) -> None:
         self.root = root
         self._entries_dir = root / "entries"
+        self._entries_prefix = f"{self._entries_dir}{os.sep}"  # hot paths format strings
         self._tmp_dir = root / "tmp"
         self._fsync = fsync
         self._clock = clock
@@ -198,6 +199,12 @@ class DiskCacheStore:
         lock_name = self.leases.lock_path_of(digest).name
         return sum(_unlink(folder / name) for name in names if name != lock_name)
 
+    def data_file(self, entry: EntryMeta) -> str | None:
+        """``data_path`` as a string, without building paths (the zero-copy hit path)."""
+        digest = key_digest(entry.key)
+        name = _data_name(digest, entry.etag)
+        return None if name is None else f"{self._entries_prefix}{digest[:2]}{os.sep}{name}"
+
     def data_path(self, entry: EntryMeta) -> Path | None:
         """Where ``entry``'s bytes live, for sendfile or an X-Accel-Redirect; None if the entry
         did not come from this store. No I/O: the file may vanish when a newer version or a
@@ -215,7 +222,8 @@ class DiskCacheStore:
             return None
         identity, meta = remembered
         try:
-            unchanged = _file_identity(os.stat(self._meta_path(digest))) == identity
+            meta_path = f"{self._entries_prefix}{digest[:2]}{os.sep}{digest}{_META_SUFFIX}"
+            unchanged = _file_identity(os.stat(meta_path)) == identity
         except OSError:
             unchanged = False
         if not unchanged or meta.key != key or not meta.is_fresh(self._clock()):

@@ -32,6 +32,7 @@ from .ranges import (
     parse_range,
     parse_range_spec,
 )
+from .zerocopy import ZeroCopyHits
 
 log = structlog.get_logger(__name__)
 
@@ -115,7 +116,10 @@ def create_app(service: Service) -> ExchangeGuard:
     # Inside the guard: its shielded final send covers preflights too, and its own answer
     # (a 400 to TE + CL framing, which browsers never send) needs no CORS headers.
     policy = CorsPolicy.of(service.config.http.cors_allow_origins)
-    return ExchangeGuard(Cors(HitFastPath(app, service), policy, service.metrics.count_request))
+    return ExchangeGuard(
+        Cors(HitFastPath(app, service), policy, service.metrics.count_request),
+        zerocopy=ZeroCopyHits(service, policy),
+    )
 
 
 async def serve_media(service: Service) -> Response:

@@ -82,8 +82,11 @@ async def _refuse_and_close(send: ASGISendCallable, message: str) -> None:
 
 
 class ExchangeGuard:
-    def __init__(self, app: ASGIFramework) -> None:
+    def __init__(self, app: ASGIFramework, *, zerocopy: object = None) -> None:
         self.app = app
+        # The connection layer in front of hypercorn (web.zerocopy) finds its hit server
+        # here, on the app hypercorn was given.
+        self.zerocopy = zerocopy
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable

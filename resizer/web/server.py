@@ -12,6 +12,7 @@ from ..pipeline import Service, open_service
 from ..transform.base import Transformer
 from .app import create_app
 from .listeners import use_draining_listeners
+from .zerocopy import use_hit_connections
 
 _read_data = TCPServer._read_data
 
@@ -27,6 +28,7 @@ async def _read_data_then_stop_idle_timer(self: TCPServer) -> None:
 
 TCPServer._read_data = _read_data_then_stop_idle_timer  # type: ignore[method-assign]
 use_draining_listeners()
+use_hit_connections()  # cache hits answered with sendfile before hypercorn (web/zerocopy.py)
 
 
 def hypercorn_config(
