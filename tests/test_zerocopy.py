@@ -13,7 +13,7 @@ import trio
 
 from resizer.config import Duration
 from resizer.transform.fake import FakeTransformer
-from resizer.web.zerocopy import _parse_head
+from resizer.web.zerocopy import ZeroCopyHits, _parse_head
 from tests.media import make_test_video
 from tests.server import RunningServer, scrape, server_config, start_server
 
@@ -265,3 +265,23 @@ def test_a_plain_request_is_parsed() -> None:
     assert request is not None
     assert (request.method, request.target, request.close) == ("HEAD", b"/v/a.mp4?w=1", True)
     assert request.headers["x-a"] == "1, 2"
+
+
+async def test_a_bug_in_the_hit_layer_costs_one_connection_not_the_server(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error while answering a hit closes that connection; others go on."""
+    url = f"{CLIP}?width=60"
+    await warm(server, url)
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ZeroCopyHits, "_route", broken)
+    raw = await connect(server)
+    await raw.send(get(url))
+    with pytest.raises(EOFError):
+        await raw.response()
+    monkeypatch.undo()
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        assert (await client.get(url)).headers["X-Cache-Status"] == "HIT"

@@ -457,6 +457,11 @@ class HitFirstConnection:
                 leftover = await hits.serve(stream, self.context, self.config)
             except OSError:
                 leftover = None
+            except Exception:
+                # A bug here must cost one connection, not the server (the handler nursery
+                # of hypercorn's listeners would take every connection down with it).
+                log.exception("hit connection failed")
+                leftover = None
             if leftover is None:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
