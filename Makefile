@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Browsers and hls.js for tests/test_players.py (apt as root, npm ci); fast when present.
+# Browsers and hls.js for tests/test_players.py, nginx for tests/test_nginx.py (apt as root,
+# npm ci); fast when present.
 players:
 	bash tests/players/install.sh
 

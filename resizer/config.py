@@ -51,6 +51,10 @@ class ServerConfig:
     # Processes serving the one socket (1: this process serves). Each is one Python thread,
     # so one worker uses at most one core; they share the disk cache and its leases.
     workers: int = 1
+    # Behind nginx: the prefix of an `internal` nginx location aliasing the disk cache's
+    # entries/ folder (e.g. "/_resizer_cache/"). Hits are then answered with an
+    # X-Accel-Redirect there, and nginx sends the file; "": resizer sends hits itself.
+    accel_redirect: str = ""
 
 
 @dataclass(frozen=True)
@@ -623,6 +627,12 @@ def _check(config: Config, problems: _Problems) -> None:
     elif config.server.workers > 1 and config.cache.backend != "disk":
         # Workers share entries and coalesce through the disk cache's files and leases.
         problems.add("server.workers", "several workers need cache.backend = disk")
+    accel = config.server.accel_redirect
+    if accel and not _ACCEL_PREFIX_RE.fullmatch(accel):
+        problems.add("server.accel_redirect", 'a location prefix like "/_resizer_cache/"')
+    elif accel and config.cache.backend != "disk":
+        # nginx reads the entries' files: a memory cache has none.
+        problems.add("server.accel_redirect", "needs cache.backend = disk")
     for key in ("max_width", "max_height"):
         value = getattr(config.limits, key)
         if not MIN_DIMENSION <= value <= 8192:
@@ -640,6 +650,9 @@ def _check(config: Config, problems: _Problems) -> None:
         except ValueError as exc:
             problems.add("security.allowed_remote_hosts", str(exc))
 
+
+# An nginx location prefix: segments of URL-safe characters (not "." or ".."), "/" at both ends.
+_ACCEL_PREFIX_RE = re.compile(r"/((?!\.+/)[A-Za-z0-9._~-]+/)+")
 
 # What a browser sends as Origin: scheme://host[:port], no path (IPv6 hosts in brackets).
 _ORIGIN_RE = re.compile(

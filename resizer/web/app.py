@@ -22,6 +22,7 @@ from ..pipeline import Job, Lookup, Service
 from ..responsive import Resolved as Choice
 from ..responsive import resolve_options
 from ..targets import Target, parse_target
+from .accel import accel_headers
 from .asgi import ERROR_HEADERS, ExchangeGuard, error_body, release_on_exchange_end
 from .cors import Cors, CorsPolicy
 from .hits import LOOKUP_SCOPE_KEY, HitFastPath, negotiation_headers, plan_hit
@@ -217,6 +218,9 @@ def respond_from_cache(service: Service, entry: EntryMeta, *, head: bool) -> Res
     """A hit through Quart (the fast path in hits.py answers most of them first)."""
     headers = {name.lower(): value for name, value in request.headers.items()}
     plan = plan_hit(entry, headers, time.time())  # may raise 416
+    offloaded = accel_headers(service, entry, plan, headers)
+    if offloaded is not None:  # behind nginx: it sends the file (and cuts the range)
+        return Response(b"", status=200, headers=offloaded)
     if plan.span is None:
         return Response(b"", status=plan.status, headers=plan.headers)
     body: bytes | AsyncIterator[bytes] = b"" if head else stream_entry(service, entry, plan.span)

@@ -35,6 +35,7 @@ from ..options import TransformOptions, cache_key
 from ..pipeline import Service
 from ..responsive import ACCEPT_CH, resolve_options
 from ..targets import parse_target
+from .accel import accel_headers
 from .ranges import ByteRange, check_preconditions, http_date, if_range_allows, parse_range
 
 log = structlog.get_logger(__name__)
@@ -140,6 +141,9 @@ class HitFastPath:
         except ResizerError:
             scope[LOOKUP_SCOPE_KEY] = found
             return False  # 412 or 416: Quart renders it
+        offloaded = accel_headers(service, entry, plan, headers)
+        if offloaded is not None:  # behind nginx: it sends the file (and cuts the range)
+            plan = HitPlan(200, offloaded, None)
         request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
         response_headers = {
             **plan.headers,

@@ -19,7 +19,8 @@ stream from the spool), other routes and methods, requests with a body or with b
 ``Expect``, upgrades, absolute-form targets, anything h11 finds malformed, a cache that is
 not on disk, and any response that would not be a plain hit (errors, 412/416, the memory
 cache). TLS and HTTP/2 never come here: sendfile cannot encrypt, and hypercorn terminates
-them. With ``[server] accel_redirect`` nginx sends the files, so this layer stands aside.
+them. With ``[server] accel_redirect`` (behind nginx) a hit's answer here is the empty
+``X-Accel-Redirect`` response of ``web.accel``, and nginx sends the file.
 
 hypercorn builds a ``TCPServer(app, config, context, state, stream)`` for every accepted
 connection; ``use_hit_connections`` makes its trio worker build a ``HitFirstConnection``
@@ -53,8 +54,9 @@ from ..pipeline import Service
 from ..responsive import resolve_options
 from ..targets import parse_target
 from ..units import KiB, MiB
+from .accel import accel_headers
 from .cors import CorsPolicy, response_headers
-from .hits import negotiation_headers, plan_hit
+from .hits import HitPlan, negotiation_headers, plan_hit
 from .ranges import ByteRange
 
 log = structlog.get_logger(__name__)
@@ -114,8 +116,7 @@ class ZeroCopyHits:
 
     @property
     def enabled(self) -> bool:
-        accel = getattr(self.service.config.server, "accel_redirect", "")
-        return self.disk is not None and not accel
+        return self.disk is not None
 
     async def serve(
         self, stream: trio.SocketStream, context: Any, config: HypercornConfig
@@ -209,7 +210,19 @@ class ZeroCopyHits:
             return None
         now = time.time()
         headers = request.headers
-        if any(name in headers for name in _CONDITIONAL):
+        if service.config.server.accel_redirect:
+            try:
+                plan = plan_hit(entry, headers, now)
+            except ResizerError:
+                return None  # 412 or 416: the ASGI path answers (and counts) it
+            offloaded = accel_headers(service, entry, plan, headers)
+            if offloaded is not None:  # nginx sends the file (and cuts the range)
+                plan = HitPlan(200, offloaded, None)
+            status, span = plan.status, plan.span
+            fields = _fields(
+                (k.encode("latin-1"), v.encode("latin-1")) for k, v in plan.headers.items()
+            )
+        elif any(name in headers for name in _CONDITIONAL):
             try:
                 plan = plan_hit(entry, headers, now)
             except ResizerError:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what tests/test_players.py plays with, when it is missing: Debian's chromium and
-# firefox-esr (apt, as root: CI runs .ci/run as root on a fresh machine) and hls.js pinned by
-# package-lock.json (npm ci). Idempotent; with everything present it only checks and returns.
+# Installs the real parts tests run against, when missing: Debian's chromium and firefox-esr
+# (tests/test_players.py) and nginx (tests/test_nginx.py), with apt, as root (CI runs .ci/run
+# as root on a fresh machine), and hls.js pinned by package-lock.json (npm ci). Idempotent;
+# with everything present it only checks and returns.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -10,6 +11,8 @@ command -v chromium >/dev/null || missing+=(chromium)
 # firefox-esr's Recommends bring libavcodec, which it needs to decode H.264: keep them.
 command -v firefox-esr >/dev/null || missing+=(firefox-esr)
 command -v npm >/dev/null || missing+=(npm)
+# /usr/sbin is not on every user's PATH.
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
