@@ -285,3 +285,30 @@ async def test_a_bug_in_the_hit_layer_costs_one_connection_not_the_server(
     monkeypatch.undo()
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
         assert (await client.get(url)).headers["X-Cache-Status"] == "HIT"
+
+
+async def test_behind_nginx_the_hit_layer_answers_the_redirects(
+    media: Path, tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With accel_redirect a hit is answered here too: an empty 200 naming the file."""
+    config = server_config(media, tmp_path / "cache")
+    config = replace(config, server=replace(config.server, accel_redirect="/_cache/"))
+    server = await start_server(nursery, config, FakeTransformer(size=BODY))
+    url = f"{CLIP}?width=50"
+    await warm(server, url)
+    answered: list[int] = []
+    hit_for = ZeroCopyHits._hit_for
+
+    async def counting(self: ZeroCopyHits, request: object) -> object:
+        hit = await hit_for(self, request)  # type: ignore[arg-type]
+        answered.append(hit is not None)
+        return hit
+
+    monkeypatch.setattr(ZeroCopyHits, "_hit_for", counting)
+    raw = await connect(server)
+    await raw.send(get(url))
+    status, headers, body = await raw.response()
+    assert (status, headers["content-length"], body) == (200, "0", b"")
+    assert headers["x-accel-redirect"].startswith("/_cache/")
+    assert headers["x-cache-status"] == "HIT"
+    assert answered == [True]
