@@ -13,6 +13,7 @@ command -v firefox-esr >/dev/null || missing+=(firefox-esr)
 command -v npm >/dev/null || missing+=(npm)
 # /usr/sbin is not on every user's PATH.
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+command -v wrk >/dev/null || missing+=(wrk)  # tests/test_zerocopy.py measures a stall with it
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
