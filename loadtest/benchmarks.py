@@ -15,7 +15,7 @@ from typing import Any
 from .report import success_checks
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ("baseline", "stress", "players", "endurance", "storm", "abort", "versus-nginx")
+ORDER = ("baseline", "stress", "players", "endurance", "storm", "abort", "versus-nginx", "wrk")
 
 
 def _ms(value: float | None) -> str:
@@ -36,7 +36,10 @@ def command(result: dict[str, Any]) -> str:
     words = [*environment, f"make loadtest SCENARIO={result['scenario']}"]
     if params["duration"] != default.duration:
         words.append(f"DURATION={params['duration']:g}")
-    if params["concurrency"] != default.concurrency:
+    if default.wrk:  # CONCURRENCY=N measures N connections instead of the default list
+        if tuple(params.get("connections") or ()) != default.connections:
+            words.append(f"CONCURRENCY={params['concurrency']}")
+    elif params["concurrency"] != default.concurrency:
         words.append(f"CONCURRENCY={params['concurrency']}")
     if result.get("workers", 1) != default.workers:
         words.append(f"WORKERS={result['workers']}")
@@ -47,11 +50,24 @@ def command(result: dict[str, Any]) -> str:
     return " ".join(words)
 
 
+def ceiling(summary: dict[str, Any]) -> str:
+    """The Python client's ceiling next to a run's figures: nginx through the same client."""
+    if summary.get("nginx"):
+        return "nginx column"
+    found = summary.get("ceiling")
+    if not found:
+        return "—"
+    return f"{found['rps']:.0f} / {found['mb_per_s']:.1f}"
+
+
 def tables(results: dict[str, dict[str, Any]]) -> str:
+    """The Python-client runs: one row each, then their success checks."""
+    results = {name: result for name, result in results.items() if not result.get("wrk")}
     lines = [
-        "| run | clients | workers | s | req/s | MB/s | errors | hit rate after warm-up "
+        "| run | clients | workers | s | req/s | MB/s | client ceiling (nginx) req/s / MB/s "
+        "| errors | hit rate after warm-up "
         "| fetches / transforms | peak RSS per worker MB | TTFB P50/P95/P99 ms by status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
         s = result["summary"]
@@ -63,7 +79,7 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"| {name} | {s['concurrency']} | {s['workers']} | {s['duration_s']:.0f} "
             f"| {s['rps']:.0f} "
-            f"| {s['mb_per_s']:.1f} | {s['error_rate'] * 100:.2f} % "
+            f"| {s['mb_per_s']:.1f} | {ceiling(s)} | {s['error_rate'] * 100:.2f} % "
             f"| {'—' if hit_rate is None else f'{hit_rate * 100:.1f} %'} "
             f"| {s['origin_fetches']:.0f} / {s['transforms']:.0f} "
             f"| {s['resources']['peak_rss_per_worker_bytes'] / 1e6:.0f} | {latency} |"
@@ -111,6 +127,39 @@ def nginx_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def wrk_table(results: dict[str, dict[str, Any]]) -> str:
+    """wrk runs: one row per body and connection count, the command that reproduces it."""
+    lines = [
+        "| run | server | body | size MB | connections | req/s | nginx req/s | ratio "
+        "| slice ratios | MB/s | nginx MB/s | P50 / P99 ms | nginx P50 / P99 ms "
+        "| server CPU ms/request | nginx CPU ms/request | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    commands = []
+    for name, result in results.items():
+        wrk = result["summary"].get("wrk")
+        if not wrk:
+            continue
+        commands.append(f"- {name}: `{command(result)}`")
+        for cell in wrk["cells"]:
+            ours, nginx = cell["tested"], cell["reference"]
+            ratios = ", ".join(_number(r, 2) for r in cell["slice_ratios"])
+            lines.append(
+                f"| {name} | {wrk['tested']} | {cell['body']} | {cell['size'] / 1e6:.2f} "
+                f"| {cell['connections']} | {_number(ours['ok_rps'], 0)} "
+                f"| {_number(nginx['ok_rps'], 0)} | {_number(cell['ratio'], 2)} | {ratios} "
+                f"| {_number(ours['body_mb_per_s'] or ours['mb_per_s'], 0)} "
+                f"| {_number(nginx['body_mb_per_s'] or nginx['mb_per_s'], 0)} "
+                f"| {_ms(ours['latency_p50'])} / {_ms(ours['latency_p99'])} "
+                f"| {_ms(nginx['latency_p50'])} / {_ms(nginx['latency_p99'])} "
+                f"| {_number(ours['cpu_ms_per_request'], 3)} "
+                f"| {_number(nginx['cpu_ms_per_request'], 3)} "
+                f"| {ours['socket_errors'] + ours['non_2xx']} / "
+                f"{nginx['socket_errors'] + nginx['non_2xx']} |"
+            )
+    return "\n".join([*lines, "", *commands])
+
+
 def main() -> int:
     results = {}
     for scenario in ORDER:
@@ -119,6 +168,8 @@ def main() -> int:
                 results[path.parent.name] = json.loads(path.read_text())
     print(tables(results))
     print(nginx_table(results))
+    print()
+    print(wrk_table(results))
     return 0
 
 

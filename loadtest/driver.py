@@ -4,10 +4,14 @@
 
 It generates the source media it needs (ffmpeg lavfi, cached under loadtest/.media), starts
 ``resizer serve`` as a separate process on a free port, warms the keys the scenario expects
-to be cached, runs the load from trio tasks over httpx (one connection per client), samples
-the server's RSS, descriptors, sockets and ffmpeg children every half second, reads the
-server's counters from /metrics before and after, stops everything and writes
-``result.json`` plus a Markdown report with plots (loadtest/report.py).
+to be cached, runs the load from trio tasks over a lean HTTP/1.1 client (one connection
+per client), samples the server's RSS, descriptors, sockets and ffmpeg children every half
+second, reads the server's counters from /metrics before and after, stops everything and
+writes ``result.json`` plus a Markdown report with plots (loadtest/report.py).
+
+Throughput comparisons (the ``wrk`` scenarios) use wrk instead (loadtest/wrk.py): the
+Python client would be the bottleneck. The Python client's runs end with a calibration, the
+same load against nginx serving the same files: the client's own ceiling.
 
 The load generator shares the machine's cores with the server: absolute numbers are lower
 than on separate hosts; compare ratios (e.g. resizer/nginx on the same bytes).
@@ -30,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,8 @@ import httpx
 import trio
 
 from resizer.transform.runner import resolve_ffmpeg
+
+from .wrk import THREADS, debian_binary, range_script, run_wrk, wrk_binary
 
 HERE = Path(__file__).resolve().parent
 MEDIA_DIR = HERE / ".media"
@@ -81,13 +87,23 @@ class Scenario:
     # clients / throughput (Little's law), so it is reported, not judged.
     latency_goals: bool = True
     workers: int = 1  # resizer worker processes (and nginx's, in versus-nginx)
+    # Also run the hit load through the same Python client against nginx serving the same
+    # bodies for a few seconds: the client's own ceiling, reported next to every figure.
+    calibrate: bool = True
+    # wrk instead of the Python client: resizer and nginx on each of WRK_BODIES at each of
+    # ``connections``, in alternating slices (``duration`` per server and cell).
+    wrk: bool = False
+    connections: tuple[int, ...] = ()
+    # wrk against resizer behind nginx as deploy/nginx.conf ships it (X-Accel-Redirect).
+    front: bool = False
+    server_config: str = ""  # extra TOML lines for the server's [server] section
     params: dict[str, Any] = field(default_factory=dict)
 
 
 SCENARIOS: dict[str, Scenario] = {
     "smoke": Scenario(
         "smoke", "A few clients for a few seconds: proves the harness works (make test).",
-        concurrency=8, duration=3.0, sizes_mb=(1,), warmup=0.5,
+        concurrency=8, duration=3.0, sizes_mb=(1,), warmup=0.5, calibrate=False,
     ),
     "baseline": Scenario(
         "baseline",
@@ -129,6 +145,22 @@ SCENARIOS: dict[str, Scenario] = {
         hit_query="width=960&duration=8s",  # a cached file of about 1.1 MB
         # One worker per core for both, like nginx's `worker_processes auto`.
         workers=os.cpu_count() or 1, latency_goals=False,
+        calibrate=False,  # its nginx slices are the client's ceiling
+    ),
+    "wrk": Scenario(
+        "wrk",
+        "wrk against resizer and against nginx serving the same cached files (a 50 KB JPEG"
+        " frame, a 1 MB PNG frame, a 2.3 MB MP4 whole and in 64 KiB-1 MiB ranges), 50 and"
+        " 500 connections, one worker each, alternating 6 s slices.",
+        concurrency=500, duration=18.0, sizes_mb=(10,), hit_ratio=1.0, warmup=0.0,
+        latency_goals=False, calibrate=False, wrk=True, connections=(50, 500),
+    ),
+    "wrk-accel": Scenario(
+        "wrk-accel",
+        "wrk against resizer behind nginx (deploy/nginx.conf, X-Accel-Redirect) and against"
+        " nginx serving the same cached files directly; bodies and slices as in wrk.",
+        concurrency=500, duration=18.0, sizes_mb=(10,), hit_ratio=1.0, warmup=0.0,
+        latency_goals=False, calibrate=False, wrk=True, connections=(50, 500), front=True,
     ),
 }  # fmt: skip
 
@@ -151,6 +183,24 @@ def make_source(size_mb: int) -> Path:
     argv += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}"]
     argv += ["-c:v", "libx264", "-preset", "ultrafast", "-g", "50", "-b:v", f"{kbps}k"]
     argv += ["-maxrate", f"{kbps}k", "-bufsize", f"{kbps}k", "-c:a", "aac", "-b:a", "64k"]
+    partial = path.with_suffix(".partial.mp4")
+    subprocess.run([*argv, str(partial)], check=True)
+    partial.rename(path)
+    return path
+
+
+def make_grainy_source() -> Path:
+    """4 s of 1280x720 with film grain at 20 Mbit/s (about 10 MB): its frames compress
+    like photographs (a 1280-pixel PNG of about 1 MB), where lavfi's flat test pattern
+    makes 140 KB ones."""
+    MEDIA_DIR.mkdir(exist_ok=True)
+    path = MEDIA_DIR / "grain-4s.mp4"
+    if path.exists():
+        return path
+    argv = [resolve_ffmpeg(None), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi"]
+    argv += ["-i", "testsrc2=size=1280x720:rate=25:duration=4,noise=alls=12:allf=t"]
+    argv += ["-c:v", "libx264", "-preset", "ultrafast", "-g", "50", "-b:v", "20000k"]
+    argv += ["-maxrate", "20000k", "-bufsize", "20000k"]
     partial = path.with_suffix(".partial.mp4")
     subprocess.run([*argv, str(partial)], check=True)
     partial.rename(path)
@@ -183,6 +233,7 @@ def running_server(scenario: Scenario, work: Path) -> Iterator[Server]:
 [server]
 host = "127.0.0.1"
 workers = {scenario.workers}
+{scenario.server_config}
 [cache]
 path = "{cache}"
 read_chunk = "{scenario.read_chunk}"
@@ -312,6 +363,9 @@ async def scrape_metrics(
 
 
 # --- load ----------------------------------------------------------------------------------
+
+
+HIT = "HIT"  # X-Cache-Status of a hit; nginx's answers count as hits (it serves cached files)
 
 
 @dataclass
@@ -459,7 +513,10 @@ async def one_request(
     byte_range: str | None = None,
     abort_after: float | None = None,
     read_rate: float | None = None,
+    untagged: str = "ERROR",
 ) -> dict[str, Any]:
+    """One GET; ``untagged`` is the cache status recorded when the response has no
+    X-Cache-Status (nginx sends none: "HIT")."""
     record: dict[str, Any] = {
         "t": trio.current_time() - origin,
         "status": 0,
@@ -476,7 +533,7 @@ async def one_request(
         async with client.request(path, headers) as (status, fields, body):
             record["ttfb"] = trio.current_time() - started
             record["status"] = status
-            record["cache"] = fields.get("x-cache-status", "ERROR")
+            record["cache"] = fields.get("x-cache-status", untagged)
             body_started = trio.current_time()
             async for chunk in body:
                 record["bytes"] += len(chunk)
@@ -491,18 +548,63 @@ async def one_request(
     return record
 
 
+def aborts_after(scenario: Scenario, rng: random.Random, size: int) -> float | None:
+    """After how many body bytes a request disconnects on purpose (None: it reads all)."""
+    if rng.random() >= scenario.abort_ratio:
+        return None
+    return rng.uniform(0, max(size, 20_000)) if size else 1.0
+
+
+async def hit_loop(
+    scenario: Scenario,
+    lean: LeanClient,
+    bodies: dict[str, int],
+    rng: random.Random,
+    origin: float,
+    deadline: float,
+    records: list[dict[str, Any]],
+    untagged: str = "ERROR",
+) -> None:
+    """One hit client: asks for ``bodies`` (path -> size) until ``deadline``, with the
+    scenario's byte ranges, deliberate disconnects and playback pacing."""
+    paths = sorted(bodies)
+    clip_seconds = variant_seconds(scenario.hit_query)
+    while trio.current_time() < deadline:
+        path = rng.choice(paths)
+        size = bodies[path]
+        byte_range = None
+        if size and rng.random() < scenario.range_ratio:
+            start = rng.randrange(size)
+            byte_range = f"bytes={start}-{min(size - 1, start + 65535)}"
+        read_rate = None
+        if scenario.playback and size and clip_seconds:
+            read_rate = scenario.playback * size / clip_seconds
+        record = await one_request(
+            lean,
+            path,
+            origin,
+            byte_range=byte_range,
+            abort_after=aborts_after(scenario, rng, size),
+            read_rate=read_rate,
+            untagged=untagged,
+        )
+        records.append(record)
+
+
 async def run_load(
     scenario: Scenario,
     base: str,
     rng: random.Random,
     records: list[dict[str, Any]],
     counters: dict[str, float],
+    served: list[str],
 ) -> tuple[float, float]:
     """Warm the cache, then run the scenario's clients against ``base``.
 
-    Fills ``counters`` with the server's counters after the warm-up; returns when the load
-    phase started (``trio.current_time()``; requests' ``t`` count from there) and its wall
-    time.
+    Fills ``counters`` with the server's counters after the warm-up and ``served`` with the
+    paths of the cached bodies the load asked for (the warmed ones, or a storm's key);
+    returns when the load phase started (``trio.current_time()``; requests' ``t`` count
+    from there) and its wall time.
     """
     warmed, fresh = plan_targets(scenario, rng)
     limits = httpx.Limits(max_connections=scenario.concurrency + 10, max_keepalive_connections=None)
@@ -517,8 +619,10 @@ async def run_load(
             sizes[target.path] = int(response.headers.get("Content-Length", "0"))
         counters.update(await scrape_metrics(client, base))
         origin = trio.current_time()
+        served.extend(sizes)  # the warmed paths
         if scenario.storm:
             key = fresh()
+            served[:] = [key]
 
             async def storm_client() -> None:
                 records.append(await one_request(lean, key, origin))
@@ -532,33 +636,9 @@ async def run_load(
         deadline = origin + scenario.duration
         hit_clients = round(scenario.concurrency * scenario.hit_ratio)
         cold_clients = scenario.concurrency - hit_clients
-        clip_seconds = variant_seconds(scenario.hit_query)
-
-        def aborts_after(size: int) -> float | None:
-            if rng.random() >= scenario.abort_ratio:
-                return None
-            return rng.uniform(0, max(size, 20_000)) if size else 1.0
 
         async def hit_client() -> None:
-            while trio.current_time() < deadline:
-                path = rng.choice(warmed).path
-                size = sizes[path]
-                byte_range = None
-                if size and rng.random() < scenario.range_ratio:
-                    start = rng.randrange(size)
-                    byte_range = f"bytes={start}-{min(size - 1, start + 65535)}"
-                read_rate = None
-                if scenario.playback and size and clip_seconds:
-                    read_rate = scenario.playback * size / clip_seconds
-                record = await one_request(
-                    lean,
-                    path,
-                    origin,
-                    byte_range=byte_range,
-                    abort_after=aborts_after(size),
-                    read_rate=read_rate,
-                )
-                records.append(record)
+            await hit_loop(scenario, lean, sizes, rng, origin, deadline, records)
 
         async def cold_client() -> None:
             while True:
@@ -568,7 +648,8 @@ async def run_load(
                 if trio.current_time() >= deadline:
                     return
                 path = fresh()
-                records.append(await one_request(lean, path, origin, abort_after=aborts_after(0)))
+                abort = aborts_after(scenario, rng, 0)
+                records.append(await one_request(lean, path, origin, abort_after=abort))
 
         async def arriving(role: Callable[[], Awaitable[None]], index: int) -> None:
             await trio.sleep(scenario.ramp * index / scenario.concurrency)
@@ -624,10 +705,13 @@ async def drive(scenario: Scenario, server: Server, seed: int) -> dict[str, Any]
     records: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     before: dict[str, float] = {}
+    served: list[str] = []
     async with httpx.AsyncClient(timeout=30) as control:
         origin = trio.current_time()
         async with sampling(server.process.pid, origin, samples, server.url):
-            load_origin, duration = await run_load(scenario, server.url, rng, records, before)
+            load_origin, duration = await run_load(
+                scenario, server.url, rng, records, before, served
+            )
             await trio.sleep(2.0)  # let abandoned work finish so the last samples show it
         after = await scrape_metrics(control, server.url)
     for sample in samples:  # on the requests' clock: the warm-up gets negative times
@@ -637,31 +721,46 @@ async def drive(scenario: Scenario, server: Server, seed: int) -> dict[str, Any]
         "samples": samples,
         "duration_s": duration,
         "metrics": {name: after[name] - before.get(name, 0.0) for name in after},
+        "served": served,
         "nginx": None,
     }
 
 
-# --- nginx, for the versus-nginx scenario ---------------------------------------------------
+# --- nginx: the reference server, and the front of wrk-accel ---------------------------------
+
+# The reverse-proxy configuration the project ships; wrk-accel runs resizer behind it.
+FRONT_CONFIG = HERE.parent / "deploy" / "nginx.conf"
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-    )
-    if found:
-        return found
-    # The Debian package, from the distribution's registry (allowed on CI machines).
-    quiet = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=quiet)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx"], check=True, env=quiet)
-    return "/usr/sbin/nginx"
+    return debian_binary("nginx", "nginx")
 
 
 @dataclass
 class Nginx:
     process: subprocess.Popen[bytes]
     url: str
-    names: list[str]  # files it serves: the cached entries' data files
+    files: dict[str, str]  # a cached entry's ETag -> the file nginx serves it as
+
+
+@contextlib.contextmanager
+def nginx_process(conf: Path, url: str) -> Iterator[subprocess.Popen[bytes]]:
+    """nginx in the foreground with ``conf``, once it answers at ``url``."""
+    process = subprocess.Popen([nginx_binary(), "-c", str(conf), "-g", "daemon off;"])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(f"{url}/", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"nginx did not start with {conf}") from None
+                time.sleep(0.1)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -670,12 +769,12 @@ def running_nginx(server: Server, workers: int = 1) -> Iterator[Nginx]:
     work = server.cache.parent
     root = work / "nginx-root"
     root.mkdir(exist_ok=True)
-    names = []
+    files = {}
     for meta in (server.cache / "entries").glob("*/*.meta.json"):
-        data_name = json.loads(meta.read_text())["data"]
-        if not (root / data_name).exists():
-            os.link(meta.parent / data_name, root / data_name)
-        names.append(data_name)
+        fields = json.loads(meta.read_text())
+        if not (root / fields["data"]).exists():
+            os.link(meta.parent / fields["data"], root / fields["data"])
+        files[fields["etag"]] = fields["data"]
     port = free_port()
     conf = work / "nginx.conf"
     conf.write_text(
@@ -697,26 +796,97 @@ http {{
 }}
 """
     )
-    process = subprocess.Popen([nginx_binary(), "-c", str(conf), "-g", "daemon off;"])
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(f"{url}/", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield Nginx(process, url, names)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with nginx_process(conf, url) as process:
+        yield Nginx(process, url, files)
 
 
-async def drive_nginx(scenario: Scenario, nginx: Nginx, seed: int) -> dict[str, Any]:
-    """The scenario's hit load against nginx (same concurrency, duration and bytes)."""
+def accel_prefix(shipped: str) -> str:
+    """The internal location the shipped config aliases the cache under (resizer's
+    ``[server] accel_redirect``)."""
+    found = re.search(r"location\s+(?:\^~\s+)?(/\S*)\s*\{[^}]*\binternal\s*;", shipped)
+    if found is None:
+        raise ValueError("no internal location (X-Accel-Redirect target) in the nginx config")
+    return found.group(1)
+
+
+def front_config(shipped: str, *, port: int, upstream: int, cache: Path) -> str:
+    """deploy/nginx.conf with only the values it marks "<- yours" replaced: where it
+    listens, the resizer it proxies to, the cache folder its internal location aliases."""
+    # Directives only (a line's start, so commented-out examples stay as they are); the
+    # listen address alone, keeping whatever parameters follow it (default_server...).
+    for marked, ours in {
+        r"^(\s*listen\s+)[^\s;]+": rf"\g<1>127.0.0.1:{port}",
+        r"^(\s*server\s+)127\.0\.0\.1:8080(?=[\s;])": rf"\g<1>127.0.0.1:{upstream}",
+        r"^(\s*alias\s+)/var/cache/resizer/": rf"\g<1>{cache}/",
+    }.items():
+        shipped, found = re.subn(marked, ours, shipped, flags=re.MULTILINE)
+        if found != 1:
+            raise ValueError(f"{FRONT_CONFIG} should have one line matching {marked!r}")
+    return shipped
+
+
+@contextlib.contextmanager
+def running_front(server: Server, workers: int = 1) -> Iterator[Nginx]:
+    """resizer behind nginx as deploy/nginx.conf ships it: hits come back to nginx as
+    X-Accel-Redirects (resizer must run with ``[server] accel_redirect``, see
+    ``front_scenario``), and nginx sends the cache file."""
+    work = server.cache.parent
+    port = free_port()
+    upstream = int(httpx.URL(server.url).port or 80)
+    site = work / "front-site.conf"
+    shipped = FRONT_CONFIG.read_text()
+    site.write_text(front_config(shipped, port=port, upstream=upstream, cache=server.cache))
+    conf = work / "front.conf"
+    # The shipped file belongs in an http block; around it, the same main settings as the
+    # reference nginx's (workers, connections, keep-alive), with its files in ``work``.
+    temp = " ".join(f"{kind}_temp_path {work / kind};" for kind in ("client_body", "proxy"))
+    conf.write_text(
+        f"""
+worker_processes {workers};
+pid {work / "front.pid"};
+error_log {work / "front-error.log"};
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 100000;
+  {temp}
+  include {site};
+}}
+"""
+    )
+    url = f"http://127.0.0.1:{port}"
+    with nginx_process(conf, url) as process:
+        yield Nginx(process, url, {})
+
+
+def front_scenario(scenario: Scenario) -> Scenario:
+    """``scenario`` with resizer configured for the shipped front (its accel prefix)."""
+    if not FRONT_CONFIG.exists():
+        raise SystemExit(f"{scenario.name}: runs resizer behind {FRONT_CONFIG}, which is missing")
+    prefix = accel_prefix(FRONT_CONFIG.read_text())
+    return dataclasses.replace(
+        scenario, server_config=f'{scenario.server_config}\naccel_redirect = "{prefix}"'
+    )
+
+
+def nginx_bodies(server: Server, nginx: Nginx, paths: list[str]) -> dict[str, int]:
+    """nginx's path and size for each cached resizer ``path`` (matched by ETag)."""
+    bodies = {}
+    for path in paths:
+        head = httpx.head(server.url + path, timeout=30).headers
+        name = nginx.files.get(head.get("etag", ""))
+        if name is None:  # a ceiling measured on other bodies would not be this run's
+            raise RuntimeError(f"{path} is not among the cache files nginx serves")
+        bodies[f"/{name}"] = int(head.get("content-length", "0"))
+    return bodies
+
+
+async def drive_nginx(
+    scenario: Scenario, nginx: Nginx, bodies: dict[str, int], seed: int
+) -> dict[str, Any]:
+    """The scenario's hit load against nginx (same clients, bodies, ranges, pacing and
+    duration; a storm's clients ask once each, all at once)."""
     rng = random.Random(seed)
     records: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
@@ -725,17 +895,33 @@ async def drive_nginx(scenario: Scenario, nginx: Nginx, seed: int) -> dict[str, 
     lean = LeanClient(nginx.url)
     async with sampling(nginx.process.pid, origin, samples):
 
-        async def loop_client() -> None:
-            while trio.current_time() < deadline:
-                name = rng.choice(nginx.names)
-                record = await one_request(lean, f"/{name}", origin)
-                record["cache"] = "HIT" if record["status"] == 200 else "ERROR"
-                records.append(record)
+        async def client(index: int) -> None:
+            await trio.sleep(scenario.ramp * index / scenario.concurrency)
+            if scenario.storm:
+                path = min(bodies)
+                records.append(await one_request(lean, path, origin, untagged=HIT))
+            else:
+                await hit_loop(scenario, lean, bodies, rng, origin, deadline, records, HIT)
 
         async with trio.open_nursery() as nursery:
-            for _ in range(scenario.concurrency):
-                nursery.start_soon(loop_client)
-    return {"requests": records, "samples": samples, "duration_s": scenario.duration}
+            for index in range(scenario.concurrency):
+                nursery.start_soon(client, index)
+        elapsed = trio.current_time() - origin
+        await lean.aclose()
+    return {"requests": records, "samples": samples, "duration_s": elapsed}
+
+
+CALIBRATION_S = 10.0
+
+
+def calibrate(scenario: Scenario, server: Server, served: list[str], seed: int) -> dict[str, Any]:
+    """The Python client's own ceiling for ``scenario``: its hit load through the same
+    client (every client a hit client, same bodies, ranges, pacing and ramp) against nginx
+    serving the same files, for up to CALIBRATION_S seconds."""
+    part = dataclasses.replace(scenario, duration=min(scenario.duration, CALIBRATION_S))
+    with running_nginx(server, scenario.workers) as nginx:
+        measured = trio.run(drive_nginx, part, nginx, nginx_bodies(server, nginx, served), seed)
+    return {**measured, "bodies": len(served)}
 
 
 VERSUS_ROUNDS = 3
@@ -751,12 +937,161 @@ def drive_versus_nginx(
     # The first slice also warms the cache: nginx then serves the files resizer wrote.
     resizer = trio.run(drive, part, server, seed)
     with running_nginx(server, scenario.workers) as nginx:
-        versus = trio.run(drive_nginx, part, nginx, seed)
+        bodies = nginx_bodies(server, nginx, resizer["served"])
+        versus = trio.run(drive_nginx, part, nginx, bodies, seed)
         for round_ in range(1, rounds):
             _append_slice(resizer, trio.run(drive, part, server, seed + round_))
-            _append_slice(versus, trio.run(drive_nginx, part, nginx, seed + round_))
+            _append_slice(versus, trio.run(drive_nginx, part, nginx, bodies, seed + round_))
     resizer["nginx"] = versus
     return resizer
+
+
+# --- wrk: throughput comparisons with a load generator that is not the bottleneck -----------
+
+
+@dataclass(frozen=True)
+class Body:
+    label: str
+    query: str
+    source: Callable[[], Path]
+    ranges: bool = False  # random 64 KiB-1 MiB byte ranges of it (wrk.RANGE_SCRIPT)
+
+
+def _video_source() -> Path:
+    return make_source(10)
+
+
+# Sizes measured on the generated sources (they are deterministic).
+WRK_BODIES = (
+    Body("frame, JPEG", "mode=frame&width=800&time=1s", make_grainy_source),  # 51 KB
+    Body("frame, PNG", "mode=frame&width=1024&time=1s&format=png", make_grainy_source),  # 0.96 MB
+    Body("video, MP4", "width=1280&duration=8s", _video_source),  # 2.3 MB
+    Body("video, MP4, ranges", "width=1280&duration=8s", _video_source, ranges=True),
+)
+
+
+@dataclass
+class WrkTarget:
+    name: str
+    url: str
+    paths: dict[str, str]  # body label -> path on this server
+    sample: Callable[[], dict[str, Any]]  # its processes' CPU and RSS (sample_process)
+    metrics: str | None = None  # resizer's URL, to count the hits it answered
+
+
+def warm_bodies(url: str, bodies: Sequence[Body]) -> dict[str, dict[str, Any]]:
+    """Ask for each body until it is a cache hit; its path, size and ETag by label."""
+    warmed = {}
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for body in bodies:
+            path = f"/media/{body.source().name}?{body.query}"
+            for _ in range(3):  # the miss, then the hit (a third try for a slow publish)
+                response = client.get(path)
+                response.raise_for_status()
+                if response.headers.get("x-cache-status") == HIT:
+                    break
+            else:
+                raise RuntimeError(f"{path} is still not a cache hit")
+            etag = response.headers["etag"]
+            warmed[body.label] = {"path": path, "size": len(response.content), "etag": etag}
+    return warmed
+
+
+def processes(*pids: int) -> Callable[[], dict[str, Any]]:
+    """A sampler of several servers' processes: CPU of all of them, RSS of the first's
+    workers (resizer's, when nginx is in front of it)."""
+
+    def sample() -> dict[str, Any]:
+        measured = [sample_process(pid) for pid in pids]
+        return {
+            "cpu_seconds": sum(m["cpu_seconds"] for m in measured),
+            "rss_per_worker": measured[0]["rss_per_worker"],
+        }
+
+    return sample
+
+
+def run_target(
+    target: WrkTarget, label: str, connections: int, seconds: float, script: Path | None
+) -> dict[str, Any]:
+    """One wrk slice against ``target``, with the hits resizer counted meanwhile."""
+    before = resizer_hits(target.metrics)
+    url = target.url + target.paths[label]
+    measured = run_wrk(url, connections, seconds, target.sample, script)
+    after = resizer_hits(target.metrics)
+    measured["resizer_hits"] = None if before is None or after is None else after - before
+    return measured
+
+
+def resizer_hits(url: str | None) -> float | None:
+    """resizer's cache hit counter (summed over its workers); None without a URL."""
+    if url is None:
+        return None
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "resizer_cache_hits_total":
+            return float(value)
+    return None
+
+
+def drive_wrk(scenario: Scenario, server: Server, rounds: int = VERSUS_ROUNDS) -> dict[str, Any]:
+    """wrk against resizer (or resizer behind the shipped nginx front) and against nginx
+    serving the same cached files: each body at each connection count, in ``rounds``
+    alternating slices per server of ``duration / rounds`` seconds each, same threads."""
+    work = server.cache.parent
+    seconds = scenario.duration / rounds
+    with contextlib.ExitStack() as stack:
+        tested = WrkTarget("resizer", server.url, {}, processes(server.process.pid), server.url)
+        if scenario.front:
+            front = stack.enter_context(running_front(server, scenario.workers))
+            both = processes(server.process.pid, front.process.pid)
+            tested = WrkTarget("resizer behind nginx", front.url, {}, both, server.url)
+        warmed = warm_bodies(tested.url, WRK_BODIES)
+        tested.paths = {label: body["path"] for label, body in warmed.items()}
+        nginx = stack.enter_context(running_nginx(server, scenario.workers))
+        reference = WrkTarget(
+            "nginx",
+            nginx.url,
+            {label: f"/{nginx.files[body['etag']]}" for label, body in warmed.items()},
+            processes(nginx.process.pid),
+        )
+        cells = []
+        for index, body in enumerate(WRK_BODIES):
+            size = int(warmed[body.label]["size"])
+            script = range_script(work / f"ranges-{index}.lua", size) if body.ranges else None
+            for connections in scenario.connections:
+                runs: dict[str, list[dict[str, Any]]] = {tested.name: [], reference.name: []}
+                for _ in range(rounds):
+                    for target in (tested, reference):
+                        run = run_target(target, body.label, connections, seconds, script)
+                        runs[target.name].append(run)
+                cells.append(
+                    {
+                        "body": body.label,
+                        "query": body.query,
+                        "size": size,
+                        "ranges": body.ranges,
+                        "connections": connections,
+                        "runs": runs,
+                    }
+                )
+    version = subprocess.run([wrk_binary(), "-v"], capture_output=True, text=True).stdout
+    return {
+        "wrk": {
+            "tested": tested.name,
+            "reference": reference.name,
+            "rounds": rounds,
+            "slice_s": seconds,
+            "threads": THREADS,
+            "version": version.split(" Copyright")[0].strip() or None,
+            "cells": cells,
+        },
+        "requests": [],
+        "samples": [],
+        "duration_s": seconds * rounds * 2 * len(cells),
+        "metrics": {},
+        "nginx": None,
+    }
 
 
 def _append_slice(total: dict[str, Any], part: dict[str, Any]) -> None:
@@ -786,7 +1121,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(memory, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "note": "the load generator shares the cores with the server: prefer ratios",
+        "note": "the load generator shares the cores with the server",
     }
 
 
@@ -797,15 +1132,23 @@ def run_scenario(scenario: Scenario, out_dir: Path, seed: int = 20261127) -> Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     for size in scenario.sizes_mb:
         make_source(size)
+    if scenario.wrk:
+        make_grainy_source()
     work = out_dir / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    if scenario.front:
+        scenario = front_scenario(scenario)
     with running_server(scenario, work) as server:
-        if scenario.nginx:
+        if scenario.wrk:
+            measured = drive_wrk(scenario, server)
+        elif scenario.nginx:
             measured = drive_versus_nginx(scenario, server, seed)
         else:
             measured = trio.run(drive, scenario, server, seed)
+            if scenario.calibrate:
+                measured["ceiling"] = calibrate(scenario, server, measured["served"], seed)
     result = {
         "scenario": scenario.name,
         "description": scenario.description,
@@ -829,6 +1172,9 @@ def run_scenario(scenario: Scenario, out_dir: Path, seed: int = 20261127) -> Pat
             "playback": scenario.playback,
             "latency_goals": scenario.latency_goals,
             "storm": scenario.storm,
+            "calibrate": scenario.calibrate,
+            "connections": list(scenario.connections),
+            "server_config": scenario.server_config,
             # Server settings overridden from the environment for this run (RESIZER_*).
             "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RESIZER_")},
             **scenario.params,
@@ -859,6 +1205,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario.duration = args.duration
     if args.concurrency is not None:
         scenario.concurrency = args.concurrency
+        if scenario.wrk:
+            scenario.connections = (args.concurrency,)
     if args.workers is not None:
         scenario.workers = args.workers
     if args.miss_rate is not None:

@@ -4,8 +4,8 @@
 
 ``summarize`` reduces the raw per-request records and resource samples to numbers;
 ``success_checks`` compares them with the design notes' targets; ``write_report`` writes
-``report.md``, ``latency.png``, ``resources.png`` and ``result.json`` (the result plus its
-summary) into a folder.
+``report.md``, ``latency.png``, ``resources.png`` (``ratios.png`` for a wrk run) and
+``result.json`` (the result plus its summary) into a folder.
 
 Conventions:
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,12 @@ ERROR_RATE_TARGET = 0.001
 HIT_RATE_TARGET = 0.8
 CONCURRENCY_PER_WORKER_TARGET = 500
 NGINX_THROUGHPUT_RATIO_TARGET = 0.5
+# wrk goals (issue 14), judged on the whole MP4 and the JPEG frame of a wrk run.
+WRK_VIDEO_BODY = "video, MP4"
+WRK_FRAME_BODY = "frame, JPEG"
+WRK_VIDEO_RATIO_TARGET = 0.8  # one resizer worker against one nginx worker
+WRK_FRONT_RATIO_TARGET = 0.9  # resizer behind nginx (X-Accel) against nginx alone
+WRK_FRAME_RPS_TARGET = 5000.0  # one worker
 
 FIGURE_SIZE_IN = (8.0, 4.0)
 FIGURE_DPI = 100
@@ -279,7 +286,90 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         nginx_summary["resources"] = resource_summary(nginx.get("samples") or [], 1, 0.0)
         summary["nginx"] = nginx_summary
         summary["ratios"] = nginx_ratios(summary, nginx_summary)
+    ceiling = result.get("ceiling")
+    summary["ceiling"] = None
+    if ceiling:
+        ceiling_requests: list[dict[str, Any]] = ceiling.get("requests") or []
+        summary["ceiling"] = throughput_summary(ceiling_requests, ceiling.get("duration_s"))
+        summary["ceiling"]["cpu_ms_per_request"] = cpu_ms_per_request(
+            ceiling_requests, ceiling.get("samples") or []
+        )
+        # Every answer, aborted ones included: nginx's are all hits.
+        answered = [r for r in ceiling_requests if is_success(r)]
+        summary["ceiling"]["ttfb"] = latency_stats(answered)["ttfb"]
+    summary["wrk"] = wrk_summary(result["wrk"]) if result.get("wrk") else None
     return summary
+
+
+def mean_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    """The mean of ``key`` over the slices; None if a slice lacks it."""
+    values = [run.get(key) for run in runs]
+    if not values or None in values:
+        return None
+    return sum(float(v) for v in values if v is not None) / len(values)
+
+
+def wrk_side(runs: Sequence[dict[str, Any]], size: int | None) -> dict[str, Any]:
+    """One server's slices of a wrk cell, added up: rates over the summed durations, CPU
+    over the summed requests; latency as the median slice's P50 and the worst slice's P99
+    (percentiles of different slices cannot be merged)."""
+    seconds = sum(float(r["duration_s"]) for r in runs)
+    requests = sum(int(r["requests"]) for r in runs)
+    ok = requests - sum(int(r["non_2xx"]) for r in runs)
+    cpu = [r.get("server_cpu_s") for r in runs]
+    p50s = [r["latency"]["p50"] for r in runs if r["latency"].get("p50") is not None]
+    p99s = [r["latency"]["p99"] for r in runs if r["latency"].get("p99") is not None]
+    return {
+        "slices": len(runs),
+        "requests": requests,
+        "duration_s": seconds,
+        "ok_rps": ratio(ok, seconds),
+        # wrk's bytes read (headers included), and the bodies alone for whole-body cells.
+        "mb_per_s": ratio(sum(int(r["bytes"]) for r in runs) / MB, seconds),
+        "body_mb_per_s": None if size is None else ratio(ok * size / MB, seconds),
+        "latency_p50": percentile(p50s, 50),
+        "latency_p99": max(p99s, default=None),
+        "socket_errors": sum(sum(r["socket_errors"].values()) for r in runs),
+        "non_2xx": sum(int(r["non_2xx"]) for r in runs),
+        "cpu_ms_per_request": None
+        if None in cpu
+        else ratio(sum(float(c) for c in cpu if c is not None) * 1000, requests),
+        "server_busy": mean_of(runs, "server_busy"),
+        "wrk_busy": mean_of(runs, "wrk_busy"),
+        "machine_busy": mean_of(runs, "machine_busy"),
+        "peak_rss_per_worker_bytes": max(
+            (r.get("peak_rss_per_worker_bytes") or 0 for r in runs), default=None
+        ),
+        "resizer_hits": None
+        if any(r.get("resizer_hits") is None for r in runs)
+        else sum(float(r["resizer_hits"]) for r in runs),
+        "command": runs[0]["command"] if runs else None,
+    }
+
+
+def wrk_summary(wrk: dict[str, Any]) -> dict[str, Any]:
+    """Per cell (body x connections): both servers' totals, the ratio of their 2xx
+    requests/s (same bodies, so the ratio of body throughput too) per slice pair and
+    overall."""
+    tested, reference = wrk["tested"], wrk["reference"]
+    cells = []
+    for cell in wrk["cells"]:
+        size = None if cell.get("ranges") else int(cell["size"])
+        ours, theirs = cell["runs"][tested], cell["runs"][reference]
+        mine, nginx = wrk_side(ours, size), wrk_side(theirs, size)
+        cells.append(
+            {
+                **{k: cell[k] for k in ("body", "query", "size", "ranges", "connections")},
+                "tested": mine,
+                "reference": nginx,
+                "ratio": ratio(mine["ok_rps"], nginx["ok_rps"]),
+                "slice_ratios": [
+                    ratio(a.get("ok_rps"), b.get("ok_rps"))
+                    for a, b in zip(ours, theirs, strict=True)
+                ],
+            }
+        )
+    return {**{k: v for k, v in wrk.items() if k != "cells"}, "cells": cells}
 
 
 def nginx_ratios(resizer: dict[str, Any], nginx: dict[str, Any]) -> dict[str, float | None]:
@@ -363,8 +453,10 @@ def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
     concurrency = summary.get("concurrency")
     per_worker = summary.get("max_concurrent_per_worker")
     offered_per_worker = (concurrency or 0) / (summary.get("workers") or 1)
-    # Only a scenario that offers 500+ clients per worker can show 500 in flight on each.
-    if per_worker is not None and offered_per_worker >= CONCURRENCY_PER_WORKER_TARGET:
+    # Only a scenario that offers 500+ clients per worker can show 500 in flight on each
+    # (and only the Python client records requests in flight).
+    offered = offered_per_worker >= CONCURRENCY_PER_WORKER_TARGET
+    if per_worker is not None and offered and not summary.get("wrk"):
         checks.append(
             (
                 "500+ concurrent requests per worker",
@@ -393,6 +485,54 @@ def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
                 f"measured peak {measured_mb:.1f} MB vs target <= {max_rss_mb} MB",
             )
         )
+    if summary.get("wrk"):
+        checks += wrk_checks(summary["wrk"], int(summary.get("workers") or 1))
+    return checks
+
+
+def wrk_checks(wrk: dict[str, Any], workers: int) -> list[tuple[str, bool, str]]:
+    """Issue 14's throughput goals, on the cells of a wrk run that have them, and no
+    errors anywhere."""
+    checks: list[tuple[str, bool, str]] = []
+    front = wrk["tested"] != "resizer"
+    for cell in wrk["cells"]:
+        tested, connections = cell["tested"], cell["connections"]
+        if cell["body"] == WRK_VIDEO_BODY and cell["ratio"] is not None:
+            target = WRK_FRONT_RATIO_TARGET if front else WRK_VIDEO_RATIO_TARGET
+            pairs = ", ".join(number(r, 2) for r in cell["slice_ratios"])
+            checks.append(
+                (
+                    f"{wrk['tested']}, {cell['size'] / MB:.1f} MB MP4, {connections} connections"
+                    f" >= {target}x nginx",
+                    cell["ratio"] >= target,
+                    f"measured {cell['ratio']:.2f}x (slices {pairs}) vs target >= {target}x",
+                )
+            )
+        rps = tested["ok_rps"]
+        if cell["body"] == WRK_FRAME_BODY and not front and workers == 1 and rps is not None:
+            checks.append(
+                (
+                    f"{cell['size'] / 1000:.0f} KB frame hits, {connections} connections,"
+                    " >= 5,000 req/s on one worker",
+                    rps >= WRK_FRAME_RPS_TARGET,
+                    f"measured {rps:,.0f} req/s ({number(cell['ratio'], 2)}x nginx) vs target"
+                    " >= 5,000 req/s",
+                )
+            )
+    failures = [
+        f"{cell['body']} at {cell['connections']}: {side['socket_errors']} socket errors,"
+        f" {side['non_2xx']} non-2xx ({name})"
+        for cell in wrk["cells"]
+        for name, side in ((wrk["tested"], cell["tested"]), (wrk["reference"], cell["reference"]))
+        if side["socket_errors"] or side["non_2xx"]
+    ]
+    checks.append(
+        (
+            "no wrk errors (socket errors, non-2xx)",
+            not failures,
+            "; ".join(failures) or "measured 0 in every slice",
+        )
+    )
     return checks
 
 
@@ -475,8 +615,8 @@ def machine_line(machine: dict[str, Any]) -> str:
     return f"Machine: {described}. Note: {note}; prefer ratios over absolute numbers."
 
 
-def render_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
-    resources = summary["resources"]
+def heading(result: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """Title, description, the command that reproduces the run, machine and parameters."""
     lines = [f"# Load test: {result.get('scenario', 'unnamed')}", ""]
     if result.get("description"):
         lines += [str(result["description"]), ""]
@@ -488,8 +628,47 @@ def render_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
     if result.get("params"):
         params = ", ".join(f"{key}={value}" for key, value in result["params"].items())
         lines += [f"Parameters: {params}; workers={summary['workers']}.", ""]
+    return lines
 
+
+def ceiling_sentence(summary: dict[str, Any]) -> str | None:
+    """resizer's throughput through the Python client next to that client's own ceiling."""
+    ceiling = summary.get("ceiling")
+    if summary.get("nginx"):
+        return (
+            "The nginx column below is also the Python client's ceiling: the same client,"
+            " clients and bodies against nginx."
+        )
+    if not ceiling:
+        return None
+    if summary.get("storm"):
+        shape = "the same clients asking once each, all at once, for the same body"
+    else:
+        shape = (
+            "every client asking for the cached bodies with the same ranges and pacing,"
+            f" {number(ceiling['duration_s'])} s"
+        )
+    return (
+        f"resizer {number(summary['mb_per_s'])} MB/s ({number(summary['rps'], 0)} req/s)"
+        f" through the Python client, whose ceiling (nginx through the same client, {shape})"
+        f" is {number(ceiling['mb_per_s'])} MB/s ({number(ceiling['rps'], 0)} req/s, TTFB"
+        f" P50/P95 {ceiling_ttfb(ceiling)} ms)."
+    )
+
+
+def ceiling_ttfb(ceiling: dict[str, Any]) -> str:
+    return f"{ms(ceiling['ttfb']['p50'])} / {ms(ceiling['ttfb']['p95'])}"
+
+
+def render_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
+    if summary.get("wrk"):
+        return render_wrk_markdown(result, summary)
+    resources = summary["resources"]
+    lines = heading(result, summary)
     lines += ["## Summary", ""]
+    sentence = ceiling_sentence(summary)
+    if sentence:
+        lines += [sentence, ""]
     rows = [
         *throughput_rows(summary),
         ("max concurrent per worker", number(summary["max_concurrent_per_worker"], 0)),
@@ -499,6 +678,13 @@ def render_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
             percent(summary["hit_rate_after_warmup"]),
         ),
     ]
+    ceiling = summary.get("ceiling")
+    if ceiling:
+        rows += [
+            ("client ceiling: nginx MB/s", number(ceiling["mb_per_s"])),
+            ("client ceiling: nginx requests/s", number(ceiling["rps"])),
+            ("client ceiling: nginx TTFB P50 / P95 (ms)", ceiling_ttfb(ceiling)),
+        ]
     lines += [*table(["metric", "value"], rows), ""]
 
     lines += ["## Latency by cache status", "", *latency_table(summary["latency"]), ""]
@@ -560,6 +746,100 @@ def render_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
         lines.append("")
 
     lines += ["## Plots", "", "![latency](latency.png)", "", "![resources](resources.png)", ""]
+    return "\n".join(lines)
+
+
+def portable(command: str | None) -> str:
+    """A wrk command line without the run's own address and folder."""
+    command = re.sub(r"http://[^/\s]+", "http://SERVER", command or "")
+    return re.sub(r"-s \S*/", "-s ", command)
+
+
+def busy(side: dict[str, Any]) -> str:
+    parts = (side.get(key) for key in ("server_busy", "wrk_busy", "machine_busy"))
+    return " / ".join(number(part, 2) for part in parts)
+
+
+def render_wrk_markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
+    """A wrk comparison: one row per body and connection count, the goals, the commands."""
+    wrk = summary["wrk"]
+    ours, theirs = wrk["tested"], wrk["reference"]
+    lines = heading(result, summary)
+    lines += [f"## {ours} vs {theirs}, wrk", ""]
+    lines += [
+        f"{wrk.get('version') or 'wrk'}: {wrk['threads']} threads, the same connections, files"
+        f" and duration for both; {wrk['rounds']} alternating slices of"
+        f" {number(wrk['slice_s'])} s per server and row, {summary['workers']} worker(s)"
+        " each. Ratio: 2xx requests/s of the first ÷ nginx's (the same bodies, so also the"
+        " ratio of body throughput), overall and per slice pair. MB/s: body bytes (for"
+        " ranges, wrk's bytes read, headers included). Latency: median slice's P50 / worst"
+        " slice's P99. Busy: CPU seconds per second, out of the machine's"
+        f" {(result.get('machine') or {}).get('cpus') or '?'} cores: the server (all its"
+        " processes), wrk, and the whole machine; what the machine spent beyond the first"
+        " two went to other processes, a sign that the figures are the shared machine's.",
+        "",
+    ]
+    header = [
+        "body",
+        "size",
+        "connections",
+        f"{ours} req/s",
+        "nginx req/s",
+        "ratio",
+        "slice ratios",
+        f"{ours} MB/s",
+        "nginx MB/s",
+        "latency P50 / P99 ms",
+        "nginx latency P50 / P99 ms",
+        "server CPU ms/request",
+        "busy: server / wrk / machine",
+        "errors",
+    ]
+    rows = []
+    for cell in wrk["cells"]:
+        mine, nginx = cell["tested"], cell["reference"]
+        rows.append(
+            [
+                cell["body"],
+                f"{cell['size'] / MB:.2f} MB",
+                str(cell["connections"]),
+                number(mine["ok_rps"], 0),
+                number(nginx["ok_rps"], 0),
+                number(cell["ratio"], 2),
+                ", ".join(number(r, 2) for r in cell["slice_ratios"]),
+                number(mine["body_mb_per_s"] or mine["mb_per_s"], 0),
+                number(nginx["body_mb_per_s"] or nginx["mb_per_s"], 0),
+                f"{ms(mine['latency_p50'])} / {ms(mine['latency_p99'])}",
+                f"{ms(nginx['latency_p50'])} / {ms(nginx['latency_p99'])}",
+                f"{number(mine['cpu_ms_per_request'], 3)} / "
+                f"{number(nginx['cpu_ms_per_request'], 3)}",
+                f"{busy(mine)}; {busy(nginx)}",
+                f"{mine['socket_errors'] + mine['non_2xx']} / "
+                f"{nginx['socket_errors'] + nginx['non_2xx']}",
+            ]
+        )
+    lines += [*table(header, rows), ""]
+    hits = [c["tested"]["resizer_hits"] for c in wrk["cells"]]
+    if None not in hits:
+        completed = sum(c["tested"]["requests"] for c in wrk["cells"])
+        lines += [
+            f"resizer counted {sum(hits):,.0f} cache hits over the {completed:,} requests wrk"
+            " completed against it (requests still in flight when a slice ended count as hits,"
+            " not as completed).",
+            "",
+        ]
+    lines += [
+        f"Pairs are {ours} / nginx. One slice of each row (nginx: the same arguments, for its"
+        " link to the same cache file; ranges-N.lua is loadtest/wrk.py's RANGE_SCRIPT for"
+        " the body's size):",
+        "",
+    ]
+    for cell in wrk["cells"]:
+        lines.append(f"- `{portable(cell['tested']['command'])}`")
+    lines += ["", "## Success metrics", ""]
+    for name, passed, detail in success_checks(summary):
+        lines.append(f"- {'PASS' if passed else 'FAIL'}: {name} — {detail}")
+    lines += ["", "## Plot", "", "![ratios](ratios.png)", ""]
     return "\n".join(lines)
 
 
@@ -679,12 +959,41 @@ def plot_resources(result: dict[str, Any], path: Path) -> None:
 # --- entry points ------------------------------------------------------------------------------
 
 
+def plot_ratios(summary: dict[str, Any], path: Path) -> None:
+    """The first server's requests/s ÷ nginx's per cell: overall bars, slice pairs as dots."""
+    wrk = summary["wrk"]
+    cells = [c for c in wrk["cells"] if c["ratio"] is not None]
+    if not cells:
+        placeholder(path, "No ratio to plot.")
+        return
+    figure = new_figure()
+    figure.set_size_inches(FIGURE_SIZE_IN[0], max(FIGURE_SIZE_IN[1], 1.5 + 0.45 * len(cells)))
+    axes = figure.axes[0]
+    labels = [f"{c['body']}\n{c['connections']} conn." for c in cells]
+    axes.barh(range(len(cells)), [c["ratio"] for c in cells], color="C0", alpha=0.7)
+    for index, cell in enumerate(cells):
+        dots = [r for r in cell["slice_ratios"] if r is not None]
+        axes.plot(dots, [index] * len(dots), "k.", markersize=4)
+    axes.axvline(1.0, color="grey", linewidth=0.8)
+    axes.set_yticks(range(len(cells)), labels, fontsize="x-small")
+    axes.invert_yaxis()
+    axes.set_xlabel(f"{wrk['tested']} ÷ nginx, requests/s (dots: slice pairs)")
+    axes.grid(True, axis="x", alpha=0.3)
+    axes.set_title(f"wrk — {wrk['tested']} vs nginx")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
 def write_report(result: dict[str, Any], out_dir: Path) -> Path:
-    """Write report.md, latency.png, resources.png and result.json into ``out_dir``."""
+    """Write report.md, its plots (latency.png and resources.png; ratios.png for a wrk
+    run) and result.json into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(result)
-    plot_latency(result, out_dir / "latency.png")
-    plot_resources(result, out_dir / "resources.png")
+    if summary["wrk"]:
+        plot_ratios(summary, out_dir / "ratios.png")
+    else:
+        plot_latency(result, out_dir / "latency.png")
+        plot_resources(result, out_dir / "resources.png")
     # A copy: the caller's dict stays as the driver made it.
     recorded = {**result, "summary": summary}
     (out_dir / "result.json").write_text(json.dumps(recorded, indent=1) + "\n")

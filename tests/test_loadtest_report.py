@@ -354,3 +354,178 @@ def test_server_cpu_per_request_uses_the_samples_around_the_load() -> None:
     assert cpu_ms_per_request(requests, samples) == pytest.approx(100.0)
     assert cpu_ms_per_request(requests, [sample(0.0, 50)]) is None  # older results
     assert cpu_ms_per_request([], samples) is None
+
+
+def wrk_run(
+    rps: float,
+    *,
+    seconds: float = 6.0,
+    size: int = 2_000_000,
+    non_2xx: int = 0,
+    timeouts: int = 0,
+    cpu: float | None = 3.0,
+    p50: float = 0.02,
+    p99: float = 0.1,
+    hits: float | None = None,
+) -> dict[str, Any]:
+    requests = round(rps * seconds)
+    return {
+        "requests": requests,
+        "duration_s": seconds,
+        "bytes": requests * size,
+        "rps": rps,
+        "ok_rps": (requests - non_2xx) / seconds,
+        "bytes_per_s": rps * size,
+        "latency": {"p50": p50, "p99": p99},
+        "socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": timeouts},
+        "non_2xx": non_2xx,
+        "server_cpu_s": cpu,
+        "server_busy": None if cpu is None else cpu / seconds,
+        "wrk_busy": 0.5,
+        "machine_busy": 1.5,
+        "peak_rss_per_worker_bytes": 60 * MB,
+        "resizer_hits": hits,
+        "command": f"wrk -t2 -c50 -d{seconds:g}s --timeout=30s --latency http://127.0.0.1:4321/x",
+    }
+
+
+def wrk_cell(
+    body: str, ours: list[dict[str, Any]], nginx: list[dict[str, Any]], *, size: int = 2_000_000
+) -> dict[str, Any]:
+    return {
+        "body": body,
+        "query": "width=1280&duration=8s",
+        "size": size,
+        "ranges": "ranges" in body,
+        "connections": 50,
+        "runs": {"resizer": ours, "nginx": nginx},
+    }
+
+
+def wrk_result(cells: list[dict[str, Any]], tested: str = "resizer") -> dict[str, Any]:
+    for cell in cells:
+        cell["runs"] = {tested: cell["runs"]["resizer"], "nginx": cell["runs"]["nginx"]}
+    return {
+        "scenario": "wrk",
+        "command": "make loadtest SCENARIO=wrk",
+        "params": {"concurrency": 500},
+        "workers": 1,
+        "duration_s": 36.0,
+        "requests": [],
+        "samples": [],
+        "wrk": {
+            "tested": tested,
+            "reference": "nginx",
+            "rounds": 3,
+            "slice_s": 6.0,
+            "threads": 2,
+            "version": "wrk 4.1.0",
+            "cells": cells,
+        },
+    }
+
+
+def test_wrk_cells_add_their_slices_up() -> None:
+    """Per cell: 2xx req/s over the summed slices, ratio overall and per slice pair, body
+    MB/s, CPU per request, median P50 and worst P99, errors of both kinds."""
+    ours = [wrk_run(400, hits=2400), wrk_run(500, non_2xx=60, hits=3000), wrk_run(600, hits=3600)]
+    nginx = [wrk_run(1000, cpu=1.0), wrk_run(1000, cpu=1.0, timeouts=2), wrk_run(1000, cpu=1.0)]
+    summary = summarize(wrk_result([wrk_cell("video, MP4", ours, nginx)]))
+    cell = summary["wrk"]["cells"][0]
+    mine = cell["tested"]
+    assert mine["requests"] == 9000
+    assert mine["ok_rps"] == pytest.approx((9000 - 60) / 18)
+    assert mine["body_mb_per_s"] == pytest.approx((9000 - 60) * 2 / 18)
+    assert mine["cpu_ms_per_request"] == pytest.approx(9000 / 9000)
+    assert mine["latency_p50"] == pytest.approx(0.02)
+    assert mine["non_2xx"] == 60
+    assert mine["resizer_hits"] == 9000
+    assert cell["reference"]["socket_errors"] == 2
+    assert cell["reference"]["cpu_ms_per_request"] == pytest.approx(3000 / 18000)
+    assert cell["ratio"] == pytest.approx((9000 - 60) / 18000)
+    assert cell["slice_ratios"] == pytest.approx([0.4, (3000 - 60) / 6000, 0.6])
+    assert (mine["server_busy"], mine["wrk_busy"], mine["machine_busy"]) == (0.5, 0.5, 1.5)
+    del ours[0]["machine_busy"]  # a result from before the machine was sampled
+    assert (
+        summarize(wrk_result([wrk_cell("video, MP4", ours, nginx)]))["wrk"]["cells"][0]["tested"][
+            "machine_busy"
+        ]
+        is None
+    )
+
+
+def test_wrk_latency_takes_the_median_p50_and_the_worst_p99() -> None:
+    """Slices' percentiles are not merged: P50 is the median slice's, P99 the worst one's."""
+    ours = [wrk_run(10, p50=0.01, p99=0.5), wrk_run(10, p50=0.03, p99=0.2), wrk_run(10, p50=0.02)]
+    cell = summarize(wrk_result([wrk_cell("frame, PNG", ours, ours)]))["wrk"]["cells"][0]
+    assert cell["tested"]["latency_p50"] == pytest.approx(0.02)
+    assert cell["tested"]["latency_p99"] == pytest.approx(0.5)
+
+
+def test_wrk_ranges_have_no_body_throughput() -> None:
+    """Ranged bodies vary in length: MB/s is wrk's bytes read, not requests x size."""
+    runs = [wrk_run(100, size=500_000)]
+    cell = summarize(wrk_result([wrk_cell("video, MP4, ranges", runs, runs)]))["wrk"]["cells"][0]
+    assert cell["tested"]["body_mb_per_s"] is None
+    assert cell["tested"]["mb_per_s"] == pytest.approx(100 * 0.5)
+
+
+def test_wrk_goals() -> None:
+    """MP4 >= 0.8x nginx, JPEG frames >= 5,000 req/s on one worker, no errors; behind
+    nginx the MP4 target is 0.9x; no Python-client checks on a wrk run."""
+    cells = [
+        wrk_cell("video, MP4", [wrk_run(850)], [wrk_run(1000)]),
+        wrk_cell("frame, JPEG", [wrk_run(4900)], [wrk_run(20000)], size=50_000),
+        wrk_cell("frame, PNG", [wrk_run(10)], [wrk_run(1000, non_2xx=3)], size=1_000_000),
+    ]
+    checks = success_checks(summarize(wrk_result(cells)))
+    assert [(name, passed) for name, passed, _ in checks] == [
+        ("resizer, 2.0 MB MP4, 50 connections >= 0.8x nginx", True),
+        ("50 KB frame hits, 50 connections, >= 5,000 req/s on one worker", False),
+        ("no wrk errors (socket errors, non-2xx)", False),
+    ]
+    assert "frame, PNG at 50: 0 socket errors, 3 non-2xx (nginx)" in checks[2][2]
+    front = success_checks(summarize(wrk_result(cells[:1], tested="resizer behind nginx")))
+    assert front[0][:2] == ("resizer behind nginx, 2.0 MB MP4, 50 connections >= 0.9x nginx", False)
+    assert [passed for _, passed, _ in front] == [False, True]
+
+
+def test_write_wrk_report(tmp_path: Path) -> None:
+    """A wrk run's report: the table, the hits resizer counted, portable commands, the
+    goals and a ratio plot (no latency or resources plot: wrk records no requests)."""
+    ours, nginx = [wrk_run(800, hits=4810)], [wrk_run(1000)]
+    report = write_report(wrk_result([wrk_cell("video, MP4", ours, nginx)]), tmp_path)
+    text = report.read_text()
+    assert "| video, MP4 | 2.00 MB | 50 | 800 | 1000 | 0.80 | 0.80 |" in text
+    assert "resizer counted 4,810 cache hits over the 4,800 requests" in text
+    assert "`wrk -t2 -c50 -d6s --timeout=30s --latency http://SERVER/x`" in text
+    assert "- PASS: resizer, 2.0 MB MP4, 50 connections >= 0.8x nginx" in text
+    assert (tmp_path / "ratios.png").read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "latency.png").exists()
+    assert json.loads((tmp_path / "result.json").read_text())["summary"]["wrk"]["cells"]
+
+
+def test_the_python_clients_ceiling_is_reported_next_to_its_figures(tmp_path: Path) -> None:
+    """A calibration run against nginx through the same client is summarised and stated
+    next to resizer's throughput."""
+    result = synthetic_result()
+    result["ceiling"] = {
+        "requests": [request(t=float(i), ttfb=0.005) for i in range(19)]
+        + [request(t=19.0, cache="ABORTED", ttfb=0.1)],  # deliberate aborts count too
+        "duration_s": 10.0,
+        "samples": [],
+    }
+    summary = summarize(result)
+    assert summary["ceiling"]["mb_per_s"] == pytest.approx(2.0)
+    assert summary["ceiling"]["rps"] == pytest.approx(2.0)
+    assert summary["ceiling"]["ttfb"]["p95"] == pytest.approx(0.005 + 0.095 * 0.05)
+    text = write_report(result, tmp_path).read_text()
+    assert "resizer 1.0 MB/s (1 req/s) through the Python client, whose ceiling" in text
+    assert "is 2.0 MB/s (2 req/s, TTFB P50/P95 5.0 / 9.8 ms)" in text
+    assert "| client ceiling: nginx MB/s | 2.0 |" in text
+
+
+def test_versus_nginx_names_its_nginx_column_the_ceiling(tmp_path: Path) -> None:
+    """In versus-nginx the nginx slices are the client's ceiling, and the report says so."""
+    text = write_report(synthetic_result(nginx=True), tmp_path).read_text()
+    assert "The nginx column below is also the Python client's ceiling" in text
