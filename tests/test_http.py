@@ -14,10 +14,11 @@ import httpx
 import pytest
 import trio
 
+from resizer.config import load_config
 from resizer.transform.fake import FakeTransformer
 from resizer.transform.probe import parse_probe_output
 from tests.media import ffmpeg_banner, ffmpeg_exe, make_test_video
-from tests.server import RunningServer, server_config, start_server
+from tests.server import RunningServer, server_config, server_config_text, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -265,10 +266,19 @@ def open_sockets() -> int:
 
 
 async def test_a_keep_alive_connection_closed_by_the_client_is_released_at_once(
-    server: RunningServer,
+    media: Path, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     """The server closes its end as soon as an idle keep-alive client hangs up, not only
     when the keep-alive timer fires (hypercorn held the descriptor for that long)."""
+    # A memory cache: no hit layer, so hypercorn keeps the connection alive after /healthz
+    # (with the layer, a connection it hands over is closed after that answer).
+    config = load_config(
+        text=server_config_text(media, tmp_path / "cache").replace(
+            'backend = "disk"', 'backend = "memory"'
+        ),
+        env={},
+    )
+    server = await start_server(nursery, config)
     assert server.service.config.server.keep_alive_timeout >= 5
     before = open_sockets()
     stream = await trio.open_tcp_stream(server.host, server.port)

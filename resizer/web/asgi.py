@@ -102,7 +102,23 @@ class ExchangeGuard:
                 await _refuse_and_close(send, message)
             return
 
+        # A plain HTTP/1.1 connection reaches this app only once the hit layer has handed it
+        # to hypercorn (a miss, an error...), and it would stay hypercorn's for good: behind
+        # nginx, whose upstream connections live long, hits would soon all go the slow way.
+        # Closing after this answer gives the next request a new connection, which the hit
+        # layer sees first (one TCP handshake per request the hit layer does not take).
+        hand_back = (
+            getattr(self.zerocopy, "enabled", False)
+            and scope.get("scheme") == "http"
+            and scope.get("http_version") == "1.1"
+        )
+
         async def guarded_send(message: Any) -> None:
+            if hand_back and message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.move_on_after(FINAL_SEND_GRACE, shield=True):
                     await send(message)
