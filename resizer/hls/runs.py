@@ -80,7 +80,6 @@ class Run:
     error: ResizerError | None = None
     waiting: int = 0  # segment Works waiting on this run
     holds_slot: bool = False  # a transform slot (given back while paused)
-    count: int | None = None  # segments in the rendition, once probed
 
     def __post_init__(self) -> None:
         self.published = AsyncValue(self.start)
@@ -197,7 +196,6 @@ class SegmentRuns:
             check_source(info, size, service.source_limits)
             check_options(job.options, info)
             segments = segmentation(job.options, info, service.config.limits.max_duration)
-            run.count = segments.count
             if run.start >= segments.count:
                 raise InvalidOption(
                     "segment",

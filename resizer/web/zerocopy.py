@@ -256,7 +256,7 @@ class ZeroCopyHits:
         metrics.request_seconds.labels("HIT").observe(trio.current_time() - started)
         if request.method == "HEAD" or span is None or not span.length:
             span = None
-        return _Hit(status, head, data_file, span)
+        return _Hit(head, data_file, span)
 
     def _fields_of(self, entry: EntryMeta, now: float) -> bytes:
         """A full 200's fields of ``entry``: fixed per version, but the max-age."""
@@ -310,7 +310,6 @@ class ZeroCopyHits:
 
 @dataclass(frozen=True, slots=True)
 class _Hit:
-    status: int
     head: bytes  # status line and fields, ready to send
     path: str  # the cache file
     span: ByteRange | None  # None: no body (HEAD, 304)
