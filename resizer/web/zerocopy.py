@@ -111,7 +111,7 @@ class ZeroCopyHits:
         # Pure work a hot URL repeats, memoised: target -> key and header fields, and an
         # entry's own fields by ETag (a new version has a new ETag).
         self._routes: OrderedDict[tuple[object, ...], _Route | None] = OrderedDict()
-        self._entry_fields: OrderedDict[str, bytes] = OrderedDict()
+        self._entry_fields: OrderedDict[tuple[str, bool], bytes] = OrderedDict()
         self._request_ids = itertools.count()
         self._request_prefix = os.urandom(4).hex()
 
@@ -211,30 +211,27 @@ class ZeroCopyHits:
             return None
         now = time.time()
         headers = request.headers
-        if service.config.server.accel_redirect:
+        accel = bool(service.config.server.accel_redirect)
+        if not any(name in headers for name in _CONDITIONAL):
+            # The common case: the whole entry (or, behind nginx, the redirect to it),
+            # whose fields are fixed per version but for the max-age.
+            status, span = 200, None if accel else ByteRange(0, entry.size)
+            whole = self._fields_of(entry, now, accel)
+            if whole is None:
+                return None
+            fields = whole
+        else:
             try:
                 plan = plan_hit(entry, headers, now)
             except ResizerError:
                 return None  # 412 or 416: the ASGI path answers (and counts) it
-            offloaded = accel_headers(service, entry, plan, headers)
+            offloaded = accel_headers(service, entry, plan, headers) if accel else None
             if offloaded is not None:  # nginx sends the file (and cuts the range)
                 plan = HitPlan(200, offloaded, None)
             status, span = plan.status, plan.span
             fields = _fields(
                 (k.encode("latin-1"), v.encode("latin-1")) for k, v in plan.headers.items()
             )
-        elif any(name in headers for name in _CONDITIONAL):
-            try:
-                plan = plan_hit(entry, headers, now)
-            except ResizerError:
-                return None  # 412 or 416: the ASGI path answers (and counts) it
-            status, span = plan.status, plan.span
-            fields = _fields(
-                (k.encode("latin-1"), v.encode("latin-1")) for k, v in plan.headers.items()
-            )
-        else:
-            status, span = 200, ByteRange(0, entry.size)
-            fields = self._fields_of(entry, now)
         request_id = headers.get("x-request-id") or self._new_request_id()
         head = b"".join(
             (
@@ -258,17 +255,22 @@ class ZeroCopyHits:
             span = None
         return _Hit(head, data_file, span)
 
-    def _fields_of(self, entry: EntryMeta, now: float) -> bytes:
-        """A full 200's fields of ``entry``: fixed per version, but the max-age."""
-        fixed = self._entry_fields.get(entry.etag)
+    def _fields_of(self, entry: EntryMeta, now: float, accel: bool) -> bytes | None:
+        """The fields of a 200 of the whole ``entry`` (``accel``: of the redirect that hands
+        it to nginx), fixed per version but for the max-age, so built once."""
+        memo = (entry.etag, accel)
+        fixed = self._entry_fields.get(memo)
         if fixed is None:
             plan = plan_hit(entry, {}, now)
+            headers = accel_headers(self.service, entry, plan, {}) if accel else None
+            if accel and headers is None:
+                return None  # not a file nginx can send: the ASGI path answers
             fixed = _fields(
                 (k.encode("latin-1"), v.encode("latin-1"))
-                for k, v in plan.headers.items()
+                for k, v in (headers or plan.headers).items()
                 if k != "Cache-Control"
             )
-            self._entry_fields[entry.etag] = fixed
+            self._entry_fields[memo] = fixed
             if len(self._entry_fields) > _ROUTES_KEPT:
                 self._entry_fields.popitem(last=False)
         max_age = max(0, int(entry.expires - now))
