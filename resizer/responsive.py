@@ -36,6 +36,12 @@ from .options import (
 
 # Hints resizer reads; sent in Accept-CH so browsers include them in later requests.
 ACCEPT_CH = ("Sec-CH-Viewport-Width", "Sec-CH-DPR", "ECT", "Save-Data")
+# Every request header responsive sizing may read (``_from_hints``): what a memo of its
+# choices must be keyed on (web/zerocopy.py).
+HINT_HEADERS = (
+    "Save-Data", "ECT", "Sec-CH-Viewport-Width", "Viewport-Width", "Sec-CH-DPR", "DPR",
+    "User-Agent",
+)  # fmt: skip
 
 IMQUERY_PARAMS = ("imwidth", "imheight", "im-viewwidth", "im-viewheight", "im-density", "imref")
 

@@ -18,9 +18,9 @@ from .playlist import (
     master_playlist,
     media_playlist,
 )
-from .runs import rendition_options, segmentation
+from .runs import segmentation
 
-__all__ = ["render_playlist", "rendition_options"]
+__all__ = ["render_playlist"]
 
 
 def render_playlist(

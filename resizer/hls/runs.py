@@ -206,7 +206,7 @@ class SegmentRuns:
             run.holds_slot = True
             try:
                 async with service.transformer.open_output(
-                    media, info, replace(rendition_options(job.options), segment=run.start)
+                    media, info, replace(job.options, segment=run.start)
                 ) as out:
                     service.metrics.transforms.inc()
                     service.metrics.transforms_running.inc()

@@ -51,7 +51,7 @@ from ..cache.disk import DiskCacheStore
 from ..errors import ResizerError
 from ..options import cache_key
 from ..pipeline import Service
-from ..responsive import resolve_options
+from ..responsive import HINT_HEADERS, resolve_options
 from ..targets import parse_target
 from ..units import KiB, MiB
 from .accel import accel_headers
@@ -167,7 +167,7 @@ class ZeroCopyHits:
         """The cache key and the header fields of ``request``'s target (memoised)."""
         headers = request.headers
         origin = headers.get("origin")
-        memo = (request.target, origin, *(headers.get(name) for name in HINT_FIELDS))
+        memo = (request.target, origin, *(headers.get(name) for name in _HINT_FIELDS))
         if memo in self._routes:
             self._routes.move_to_end(memo)
             return self._routes[memo]
@@ -317,11 +317,8 @@ class _Hit:
     span: ByteRange | None  # None: no body (HEAD, 304)
 
 
-# Request fields responsive sizing reads (responsive.py): part of the memo key of a target.
-HINT_FIELDS = (
-    "save-data", "ect", "sec-ch-viewport-width", "viewport-width", "sec-ch-dpr", "dpr",
-    "user-agent",
-)  # fmt: skip
+# Part of the memo key of a target: the request fields responsive sizing may read.
+_HINT_FIELDS = tuple(name.lower() for name in HINT_HEADERS)
 
 
 def _parse_head(head: bytes) -> _Request | None:
