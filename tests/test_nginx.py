@@ -412,3 +412,28 @@ async def test_nginx_keeps_its_connection_to_resizer_across_requests(
         assert (await client.get(url, headers={"If-None-Match": etag})).status_code == 304
         assert len(await nginx.logged(url, 12)) == 12
         assert len(connections_to(instance.port)) == 2  # the miss's (TIME_WAIT), the rest's
+
+
+def server_level_directives(config: str) -> dict[str, str]:
+    """The directives of the config's ``server`` block itself, outside its locations."""
+    found: dict[str, str] = {}
+    depth, in_server = 0, False
+    for line in config.splitlines():
+        code = line.split("#", 1)[0].strip()
+        if code.startswith("server ") and code.endswith("{"):
+            in_server = depth == 0
+        if in_server and depth == 1 and code.endswith(";") and not code.endswith("{"):
+            name, _, value = code[:-1].partition(" ")
+            found[name] = value.strip()
+        depth += code.count("{") - code.count("}")
+        if depth == 0:
+            in_server = False
+    return found
+
+
+def test_the_shipped_config_corks_hits_for_every_location() -> None:
+    """sendfile and tcp_nopush are server-wide: nginx settles the cork on the first location
+    a request matches (the proxy's) and keeps it through the X-Accel-Redirect."""
+    directives = server_level_directives(DEPLOYED.read_text())
+    assert directives.get("tcp_nopush") == "on"
+    assert directives.get("sendfile") == "on"
