@@ -28,6 +28,7 @@ from .options import (
     build_options,
     normalize_params,
 )
+from .scheduling.queue import RUN_KINDS
 from .targets import split_host_port
 from .units import DAYS, HOURS, MILLISECONDS, MINUTES, SECONDS, GiB, KiB, MiB
 
@@ -68,6 +69,9 @@ class HttpConfig:
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
+    # Take X-Request-Id from the request (a trusted proxy sets it; at most 128 printable
+    # ASCII characters, else replaced); false: every request gets a new id.
+    trust_request_id: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class CacheConfig:
     backend: Literal["disk", "memory"] = "disk"
     path: str = ".cache/resizer"
     ttl: Duration = Duration(1 * DAYS)
+    # A lookup that is not a hot entry asks the origin at the same time, so a miss does not
+    # pay for both one after the other; off: the origin is asked only after a miss.
+    speculative_resolution: bool = True
     # First chunk of a stream; then it adapts. Small, because a slow client's first chunks
     # look fast while the kernel's socket buffers absorb them, and a large one then blocks
     # for seconds (1000 players at playback speed: 94 MB per worker with 64 KiB, 105 with
@@ -141,6 +148,8 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class CoalescingConfig:
+    # Off: every request runs its own fetch and transform (no joining, no leases either).
+    enabled: bool = True
     # Let a transformation finish and fill the cache when its last client left (default:
     # stop it at once, nobody needs it).
     finish_without_clients: bool = False
@@ -162,6 +171,29 @@ class HlsConfig:
     idle_timeout: Duration = Duration(20 * SECONDS)
     # The renditions of a master playlist (format=hls&ladder=) that names none.
     ladder: tuple[str, ...] = ("mobile", "tablet", "desktop")
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    """Which ffmpeg run goes first when every slot ([limits] max_concurrent_transforms,
+    shared by all the workers of a machine) is busy; see README.md, "Scheduling"."""
+
+    # Off: first come, first served (the slot count still holds; queues stay bounded).
+    enabled: bool = True
+    # Kinds of run by class (kinds in neither list are medium): probe, frame, spritesheet,
+    # video, audio, segment (an HLS segment a player waits for), prefetch (HLS read-ahead,
+    # "Sec-Purpose: prefetch" requests), detached (a Work finishing with no client).
+    high: tuple[str, ...] = ("probe", "frame", "spritesheet", "segment")
+    low: tuple[str, ...] = ("prefetch", "detached")
+    # A waiting run moves up one class after waiting this long (0: never), so low never starves.
+    aging: Duration = Duration(10 * SECONDS)
+    # Waiting runs per class; a new key beyond it gets 503 with Retry-After.
+    max_queue: int = 100
+    # Slots one source file may hold with medium and low runs; 0: every slot but one.
+    max_per_source: int = 0
+    # Slots one client address may hold with medium and low runs; 0: no limit (behind a
+    # proxy every client has the proxy's address).
+    max_per_client: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,11 +251,18 @@ class SourceConfig:
     total_timeout: Duration = Duration(5 * MINUTES)
     # http/s3: longest silence while reading a body (a range ffmpeg reads has no total).
     idle_timeout: Duration = Duration(30 * SECONDS)
-    # Circuit breaker: open after this many consecutive failures, probe again after
-    # reset_timeout with at most half_open_max requests at once.
+    # Circuit breaker: open after this many consecutive failures (0: no breaker), probe
+    # again after reset_timeout with at most half_open_max requests at once.
     failure_threshold: int = 5
     reset_timeout: Duration = Duration(60 * SECONDS)
     half_open_max: int = 3
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    # The environment variable holding the bearer token of /admin/* and debug=view; they
+    # answer 404 unless it names a variable with a non-empty value (README "Seeing inside").
+    token_env: str = ""
 
 
 TTL_CLASSES = ("ok", "redirects", "client_error", "server_error")
@@ -251,6 +290,8 @@ class Config:
     responsive: ResponsiveConfig = field(default_factory=ResponsiveConfig)
     coalescing: CoalescingConfig = field(default_factory=CoalescingConfig)
     hls: HlsConfig = field(default_factory=HlsConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     derivatives: dict[str, dict[str, str]] = field(
         default_factory=lambda: dict(DEFAULT_DERIVATIVES)
     )
@@ -294,6 +335,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "responsive": ResponsiveConfig,
     "coalescing": CoalescingConfig,
     "hls": HlsConfig,
+    "scheduling": SchedulingConfig,
+    "admin": AdminConfig,
 }
 
 # Shipped presets; [derivatives.<name>] tables add to or replace them.
@@ -539,8 +582,8 @@ def _check_source(source: SourceConfig, where: str, problems: _Problems) -> None
                 problems.add(f"{where}.auth.value", "give value or env")
     if source.idle_timeout <= 0:
         problems.add(f"{where}.idle_timeout", "must be positive")
-    if source.failure_threshold < 1:
-        problems.add(f"{where}.failure_threshold", "must be at least 1")
+    if source.failure_threshold < 0:
+        problems.add(f"{where}.failure_threshold", "must be 0 (no circuit breaker) or more")
     if source.half_open_max < 1:
         problems.add(f"{where}.half_open_max", "must be at least 1")
 
@@ -614,6 +657,18 @@ def _check(config: Config, problems: _Problems) -> None:
     _check_derivatives(config, problems)
     if config.limits.max_concurrent_origins < 1:
         problems.add("limits.max_concurrent_origins", "must be at least 1")
+    scheduling = config.scheduling
+    for kind in (*scheduling.high, *scheduling.low):
+        if kind not in RUN_KINDS:
+            known = ", ".join(sorted(RUN_KINDS))
+            problems.add("scheduling", f"unknown kind of run {kind!r}; known: {known}")
+    if both := set(scheduling.high) & set(scheduling.low):
+        problems.add("scheduling", f"{', '.join(sorted(both))} cannot be both high and low")
+    for name in ("max_queue", "max_per_source", "max_per_client"):
+        if getattr(scheduling, name) < 0:
+            problems.add(f"scheduling.{name}", "must be 0 or more")
+    if scheduling.aging < 0:
+        problems.add("scheduling.aging", "must be 0 (never) or more")
     if config.limits.max_concurrent_transforms < 0:
         problems.add("limits.max_concurrent_transforms", "must be 0 (CPU count) or more")
     if config.limits.max_duration < 1:

@@ -2,17 +2,26 @@
 
 Under ``[server] workers`` > 1 the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before the
 workers start, so prometheus_client keeps every value in per-process files there and
-``render`` aggregates all workers (counters and histograms summed, gauges as marked).
+``render`` aggregates all workers (counters and histograms summed, gauges as marked). The
+process gauges (resident memory, open descriptors) are read from ``/proc`` when scraped,
+for every live worker, whichever worker answers the scrape.
+
+Every label takes its values from a fixed set (README.md, "Metrics", lists them): a label
+fed from a request (a path, a key, a method a client made up) would add series forever.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from .concurrency.breaker import BreakerState, CircuitBreaker
 from .concurrency.budget import ByteBudget
@@ -24,6 +33,28 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE"}
 )
+ROUTES = frozenset({"media", "health", "metrics", "admin", "other"})
+QUEUE_CLASSES = ("high", "medium", "low")
+FFMPEG_MODES = frozenset({"probe", "video", "frame", "spritesheet", "audio", "hls"})
+SOURCE_KINDS = frozenset({"filesystem", "http", "s3", "remote"})
+NO_CACHE_STATUS = "none"  # a response without X-Cache-Status (not media, or an error)
+# X-Cache-Status values are the server's own words (HIT, MISS, COALESCED, HIT-STALE...):
+# anything else becomes "other", so a bug can never turn a label into a free-form string.
+_CACHE_STATUS = re.compile(r"[A-Z][A-Z-]{0,23}")
+
+_SHORT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LONG = (*_SHORT, 60, 120, 300, 600)
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def route_label(route: str) -> str:
+    return route if route in ROUTES else "other"
+
+
+def cache_status_label(value: str | None) -> str:
+    if not value:
+        return NO_CACHE_STATUS
+    return value if _CACHE_STATUS.fullmatch(value) else "other"
 
 
 class Metrics:
@@ -33,11 +64,69 @@ class Metrics:
         self.requests = Counter(
             "resizer_requests", "HTTP requests answered", ["method", "status"], registry=r
         )
-        self.request_seconds = Histogram(
+        self.request_duration = Histogram(
             "resizer_request_duration_seconds",
-            "Time to the response headers (not the whole body)",
-            ["cache_status"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+            "Whole requests: from the request's arrival to the last body byte sent",
+            ["route", "cache_status"],
+            buckets=_LONG,
+            registry=r,
+        )
+        self.time_to_first_byte = Histogram(
+            "resizer_time_to_first_byte_seconds",
+            "From the request's arrival to the response's first bytes (headers with the"
+            " first body chunk)",
+            ["route", "cache_status"],
+            buckets=_SHORT,
+            registry=r,
+        )
+        self.body_bytes_sent = Counter(
+            "resizer_body_bytes_sent",
+            "Response body bytes sent (by sendfile on the hit layer; 0 for X-Accel-Redirect)",
+            ["route"],
+            registry=r,
+        )
+        self.active_requests = Gauge(
+            "resizer_active_requests",
+            "Requests being answered",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait = Histogram(
+            "resizer_queue_wait_seconds",
+            "Time an ffmpeg run waited in the scheduler's queue for a slot",
+            ["class"],
+            buckets=_LONG,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "resizer_queue_depth",
+            "ffmpeg runs waiting for a slot",
+            ["class"],
+            registry=r,
+            # Every worker reports the machine's one queue (scheduling/coordinator.py).
+            multiprocess_mode="livemax",
+        )
+        for klass in QUEUE_CLASSES:  # present (0) before the first queued run
+            self.queue_wait.labels(klass)
+            self.queue_depth.labels(klass).set(0)
+        self.ffmpeg_run = Histogram(
+            "resizer_ffmpeg_run_seconds",
+            "ffmpeg processes from start to exit (killed ones too)",
+            ["mode"],
+            buckets=_LONG,
+            registry=r,
+        )
+        self.origin_fetch = Histogram(
+            "resizer_origin_fetch_seconds",
+            "Making a source available to ffmpeg: a download, or opening a local file",
+            ["source"],
+            buckets=_LONG,
+            registry=r,
+        )
+        self.origin_bytes_fetched = Counter(
+            "resizer_origin_bytes_fetched",
+            "Bytes of sources fetched from their origins (a reused download counts 0)",
+            ["source"],
             registry=r,
         )
         self.cache_hits = Counter("resizer_cache_hits", "Requests served from cache", registry=r)
@@ -101,11 +190,50 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",  # breakers are per worker: one series per pid
         )
+        # Single-process mode only: with several workers, render() reads every worker's.
+        r.register(ProcessStats(lambda: [os.getpid()]))
 
     def count_request(self, method: str, status: int) -> None:
         """One answered request; an unknown method counts as ``other``."""
         label = method if method in KNOWN_METHODS else "other"
         self.requests.labels(label, str(status)).inc()
+
+    def request_finished(
+        self,
+        route: str,
+        cache_status: str | None,
+        *,
+        ttfb: float | None,
+        duration: float,
+        body_bytes: int,
+    ) -> None:
+        """One answered request (``ttfb`` None: it ended before its first bytes)."""
+        route = route_label(route)
+        status = cache_status_label(cache_status)
+        self.request_duration.labels(route, status).observe(duration)
+        if ttfb is not None:
+            self.time_to_first_byte.labels(route, status).observe(ttfb)
+        if body_bytes:
+            self.body_bytes_sent.labels(route).inc(body_bytes)
+
+    def observe_queue_wait(self, klass: str, seconds: float) -> None:
+        """A run left the scheduler's queue of ``klass`` (high, medium, low) after ``seconds``."""
+        self.queue_wait.labels(_queue_class(klass)).observe(max(0.0, seconds))
+
+    def set_queue_depth(self, klass: str, depth: int) -> None:
+        """Runs now waiting in the machine's queue of ``klass`` (the same in every worker)."""
+        self.queue_depth.labels(_queue_class(klass)).set(depth)
+
+    def observe_ffmpeg_run(self, mode: str, seconds: float) -> None:
+        """An ffmpeg process of ``mode`` (probe, video, frame...) ran for ``seconds``."""
+        self.ffmpeg_run.labels(mode if mode in FFMPEG_MODES else "other").observe(seconds)
+
+    def origin_fetched(self, source: str, seconds: float, fetched_bytes: int) -> None:
+        """A source of kind ``source`` was made available in ``seconds``, fetching that many
+        bytes from its origin (0 when a kept download was reused)."""
+        label = source if source in SOURCE_KINDS else "other"
+        self.origin_fetch.labels(label).observe(seconds)
+        self.origin_bytes_fetched.labels(label).inc(fetched_bytes)
 
     def budget_changed(self, budget: ByteBudget) -> None:
         """``ByteBudget.on_change``: keep the stream budget's gauges current."""
@@ -134,4 +262,57 @@ class Metrics:
             return generate_latest(self.registry)
         every_worker = CollectorRegistry()
         MultiProcessCollector(every_worker, folder)  # type: ignore[no-untyped-call]
+        every_worker.register(ProcessStats(lambda: live_workers(folder)))
         return generate_latest(every_worker)
+
+
+def _queue_class(klass: str) -> str:
+    return klass if klass in QUEUE_CLASSES else "other"
+
+
+def live_workers(folder: str) -> list[int]:
+    """The processes writing metrics to ``folder`` that are still alive.
+
+    Every worker keeps live gauges (``gauge_livesum_<pid>.db``), whose files the supervisor
+    removes when the worker dies (``mark_process_dead``); this process is always one.
+    """
+    pids = {os.getpid()}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        names = []
+    for name in names:
+        if name.startswith("gauge_live") and name.endswith(".db"):
+            pid = name[: -len(".db")].rpartition("_")[2]
+            if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+                pids.add(int(pid))
+    return sorted(pids)
+
+
+class ProcessStats(Collector):
+    """Resident memory and open descriptors of each process ``pids`` names, read from
+    ``/proc`` at scrape time (no background task); one series per ``pid``."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self._pids = pids
+
+    def collect(self) -> Iterable[Metric]:
+        rss = GaugeMetricFamily(
+            "resizer_process_resident_memory_bytes",
+            "Resident memory of each worker process",
+            labels=["pid"],
+        )
+        fds = GaugeMetricFamily(
+            "resizer_process_open_fds",
+            "Open file descriptors of each worker process",
+            labels=["pid"],
+        )
+        for pid in self._pids():
+            try:
+                pages = int(Path(f"/proc/{pid}/statm").read_bytes().split()[1])
+                open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile, or no /proc here
+            rss.add_metric([str(pid)], pages * _PAGE_SIZE)
+            fds.add_metric([str(pid)], open_fds)
+        return [rss, fds]

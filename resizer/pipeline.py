@@ -7,9 +7,8 @@ in-flight works, metrics) and the nursery that in-flight works run in. The web l
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -43,6 +42,9 @@ from .hls.runs import SegmentRuns
 from .metrics import Metrics
 from .options import Mode, OutputFormat, TransformOptions
 from .responsive import policy_from_config
+from .scheduling.claims import Claim, Scheduler, SlotRequest, Snapshot
+from .scheduling.queue import Priority
+from .scheduling.rules import classes_from_config, open_scheduler, request_kind
 from .sources.http import HttpSource, make_http_client
 from .sources.origins import Origins, Resolved
 from .sources.range_proxy import RangeProxy, RangeSource
@@ -92,6 +94,7 @@ class Service:
         metrics: Metrics,
         remote: HttpSource | None = None,
         listening: ListeningAddresses | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
@@ -103,13 +106,19 @@ class Service:
         # Set when the cache is a disk folder other processes may share (see cache/leases.py).
         self.disk = cache if isinstance(cache, DiskCacheStore) else None
         self.leases: LeaseBoard | None = None
-        if self.disk is not None and config.coalescing.cross_process:
+        coalescing = config.coalescing
+        if self.disk is not None and coalescing.enabled and coalescing.cross_process:
             self.leases = self.disk.leases
         limits = config.limits
         # Tokens are held by Work tasks; attaching to a Work never takes one.
         self.origin_limiter = trio.CapacityLimiter(limits.max_concurrent_origins)
-        self.transform_limiter = trio.CapacityLimiter(
-            limits.max_concurrent_transforms or os.cpu_count() or 1
+        # Every ffmpeg run (probes included) holds one of the machine's slots.
+        self.classes = classes_from_config(config)
+        # Told of each grant in the task that waited (the web layer notes it in the record
+        # of the request that started the Work: its access log line and Server-Timing).
+        self.on_slot_granted: Callable[[Claim], None] | None = None
+        self.scheduler = scheduler or open_scheduler(
+            config, on_change=self._scheduler_changed, on_granted=self._slot_granted
         )
         self.policy = policy_from_config(config)
         self.failures = FailureCache(time.monotonic)
@@ -144,7 +153,9 @@ class Service:
             if self.remote is None:
                 raise Forbidden("remote sources are disabled")
             stat = await self.remote.stat(target.source)
-            resolved = Resolved("remote", self.remote, target.source, stat)
+            resolved = Resolved(
+                "remote", self.remote, target.source, stat, on_fetched=self.origins.on_fetched
+            )
         else:
             resolved = await self.origins.resolve(target.source)
         # Fail fast when the size is known; sources also enforce it while reading.
@@ -169,6 +180,16 @@ class Service:
         if outcome.entry is not None:
             await trio.lowlevel.checkpoint()
             return outcome  # a hot entry: no origin check to start (or to cancel)
+        if not self.config.cache.speculative_resolution:
+            outcome.entry = await self.lookup(key)
+            if outcome.entry is None:
+                try:
+                    outcome.resolved = await self.resolve(target)
+                except ResizerError as exc:
+                    if raise_error:
+                        raise
+                    outcome.error = exc
+            return outcome
 
         async def resolve() -> None:
             try:
@@ -229,12 +250,54 @@ class Service:
         (self.metrics.cache_hits if entry else self.metrics.cache_misses).inc()
         return entry
 
-    def subscribe(self, job: Job) -> Subscription:
-        """Attach to the in-flight Work for ``job.key``, starting it if there is none."""
+    def subscribe(self, job: Job, *, kind: str | None = None, client: str = "") -> Subscription:
+        """Attach to the in-flight Work for ``job.key``, starting it if there is none.
+
+        ``kind`` is what the client asks for (``scheduling.rules.request_kind``; by default
+        from the options): it sets the class of a new Work and raises a joined one's.
+        """
+        priority = self.classes.of(kind or request_kind(job.options))
         subscription = self.registry.attach(job.key, lambda work: self._produce(work, job))
+        work = subscription.work
         if subscription.joined:
             self.metrics.coalesced.inc()
+            work.raise_priority(priority)
+        else:
+            work.priority, work.client = priority, client
         return subscription
+
+    def _scheduler_changed(self, snapshot: Snapshot) -> None:
+        for priority, waiting in snapshot.waiting.items():
+            self.metrics.set_queue_depth(priority.label, waiting)
+
+    def _slot_granted(self, claim: Claim) -> None:
+        self.metrics.observe_queue_wait(claim.priority.label, claim.waited or 0.0)
+        if self.on_slot_granted is not None:
+            self.on_slot_granted(claim)
+
+    def _unattended(self, work: Work) -> None:
+        """Its last client left and it goes on (finish_without_clients): nobody waits now."""
+        work.reclass(self.classes.of("detached"))
+
+    @asynccontextmanager
+    async def run_slot(self, work: Work, job: Job, kind: str | None = None) -> AsyncIterator[Claim]:
+        """One of the machine's ffmpeg slots for a run of ``work``, in the Work's claims
+        while it waits or runs: in the Work's class, or the better one of ``kind``."""
+        priority = work.priority
+        if kind is not None and priority is not Priority.LOW:
+            # A probe is high when someone waits; a low Work's (prefetch) stays low.
+            priority = min(priority, self.classes.of(kind))
+        source = f"{job.source.origin}:{job.source.path}"
+        claim = self.scheduler.claim(
+            SlotRequest(priority, kind or request_kind(job.options), source, work.client)
+        )
+        work.claims.add(claim)
+        try:
+            async with claim:
+                work.queued_seconds += claim.waited or 0.0
+                yield claim
+        finally:
+            work.claims.discard(claim)
 
     async def _produce(self, work: Work, job: Job) -> None:
         """Fetch, transform and spool into the cache; runs in the service nursery."""
@@ -430,7 +493,8 @@ class Service:
                 assert isinstance(writer, DiskWriter)  # leases exist for disk caches only
                 lead.announce(writer.partial_path)
             self.metrics.origin_fetches.inc()
-            info = await self.transformer.probe(media)
+            async with self.run_slot(work, job, "probe"):
+                info = await self.transformer.probe(media)
             check_source(info, size, self.source_limits)
             check_options(job.options, info)
             text = self._text_from_probe(job, info)
@@ -440,7 +504,7 @@ class Service:
                 work.advance(writer.bytes_written)
                 work.finish(await writer.commit())
                 return
-            async with self.transform_limiter:
+            async with self.run_slot(work, job):
                 self.metrics.transforms.inc()
                 self.metrics.transforms_running.inc()
                 try:
@@ -517,14 +581,17 @@ async def open_service(
             )
         metrics.track_breakers(origins.breakers)
         security = config.security
+        registry = WorkRegistry(
+            nursery,
+            finish_without_clients=config.coalescing.finish_without_clients,
+            coalesce=config.coalescing.enabled,
+        )
         service = Service(
             config,
             cache=cache,
             origins=origins,
             transformer=transformer,
-            registry=WorkRegistry(
-                nursery, finish_without_clients=config.coalescing.finish_without_clients
-            ),
+            registry=registry,
             metrics=metrics,
             remote=HttpSource(
                 client,
@@ -535,6 +602,8 @@ async def open_service(
             ),
             listening=listening,
         )
+        registry.on_unattended = service._unattended
+        await services.start(service.scheduler.serve)
         await services.start(service.range_proxy.serve)
         await services.start(service.hls.serve)
         await services.start(service.loop_lag.serve)

@@ -39,8 +39,14 @@ class CancelAtStep(trio.abc.Instrument):
         self.fired = 0  # how many cancellations actually landed
 
     def watch(self, steps: int | None, scope: trio.CancelScope) -> None:
+        self.watch_task(trio.lowlevel.current_task(), steps, scope)
+
+    def watch_task(
+        self, task: trio.lowlevel.Task, steps: int | None, scope: trio.CancelScope
+    ) -> None:
+        """Cancel ``scope`` (which may be another task's) at ``task``'s k-th step."""
         if steps is not None:
-            self._watched[trio.lowlevel.current_task()] = [steps, scope]
+            self._watched[task] = [steps, scope]
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         entry = self._watched.get(task)
@@ -83,8 +89,9 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def fake_origin_config(cache_root: Path, coalescing: str = "") -> Config:
-    """A configuration with a disk cache at ``cache_root`` and one origin ``/v/...``."""
+def fake_origin_config(cache_root: Path, coalescing: str = "", extra: str = "") -> Config:
+    """A configuration with a disk cache at ``cache_root`` and one origin ``/v/...``
+    (``extra``: more sections, TOML)."""
     return load_config(
         text=f"""
         [cache]
@@ -97,6 +104,7 @@ def fake_origin_config(cache_root: Path, coalescing: str = "") -> Config:
         [[origins.sources]]
         type = "filesystem"
         root = "{cache_root}"
+        {extra}
         """,
         env={},
     )
@@ -115,6 +123,7 @@ async def open_world(
     transformer: FakeTransformer | None = None,
     finish_without_clients: bool = False,
     cross_process: bool = True,
+    extra_config: str = "",
 ) -> AsyncIterator[World]:
     cache_root = tmp_path / "cache"
     spill_dir = tmp_path / "spill"
@@ -123,6 +132,7 @@ async def open_world(
         cache_root,
         f"finish_without_clients = {'true' if finish_without_clients else 'false'}\n"
         f"cross_process = {'true' if cross_process else 'false'}",
+        extra_config,
     )
     source = FakeSource(spill_dir, {"clip.mp4": b"source" * 1000}, {"clip.mp4": script or Script()})
     origins = fake_origins(source)
@@ -180,7 +190,7 @@ async def assert_clean(world: World, fds_before: int) -> None:
     service = world.service
     assert len(service.registry) == 0, "registry not empty"
     assert service.origin_limiter.borrowed_tokens == 0, "origin limiter token leaked"
-    assert service.transform_limiter.borrowed_tokens == 0, "transform limiter token leaked"
+    assert service.scheduler.snapshot().busy == 0, "an ffmpeg slot or queue place leaked"
     assert world.transformer.running == 0, "a transform is still running"
     assert world.source.open_now == 0, "a source fetch was never closed"
     assert not list(world.spill_dir.iterdir()), "spilled source files left behind"

@@ -85,3 +85,15 @@ async def test_a_probe_failure_reopens_it(autojump_clock: trio.testing.MockClock
     assert breaker.state is BreakerState.OPEN
     assert breaker.retry_after() == pytest.approx(10)
     assert breaker.trips == 2
+
+
+async def test_a_threshold_of_zero_switches_the_breaker_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """failure_threshold = 0: a thousand failures in a row, and every request is admitted."""
+    breaker = CircuitBreaker("s", failure_threshold=0)
+    for _ in range(1000):
+        assert breaker.admit()
+        breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.trips == 0

@@ -11,6 +11,8 @@ import trio.testing
 
 from resizer.concurrency.coalescing import Subscription, WorkState
 from resizer.errors import ResizerError
+from resizer.scheduling.claims import SlotRequest
+from resizer.scheduling.queue import Priority
 from resizer.sources.fake import Script
 from resizer.transform.fake import FakeTransformer
 from tests.harness import (
@@ -199,3 +201,87 @@ async def test_a_range_whose_bytes_exist_survives_the_work_failing(
                     pass
         finally:
             subscription.detach()
+
+
+async def leaving_client(
+    world: World,
+    result: ClientResult,
+    waiting_after: list[int],
+    task_status: trio.TaskStatus[trio.CancelScope],
+) -> None:
+    """A client whose scope the test cancels (reported once it has subscribed); notes how
+    many runs wait for a slot in the step right after it left."""
+    with trio.CancelScope() as scope:
+        subscription = world.service.subscribe(world.job)
+        result.work = subscription.work
+        task_status.started(scope)
+        try:
+            await subscription.wait_first_bytes()
+            async for chunk in subscription.iter_bytes(0, 4_096):
+                result.body += chunk
+            result.completed = True
+        except ResizerError as exc:
+            result.error = exc
+        finally:
+            subscription.detach()
+            waiting_after.append(sum(world.service.scheduler.snapshot().waiting.values()))
+
+
+async def hold_a_slot(
+    world: World, release: trio.Event, task_status: trio.TaskStatus[None]
+) -> None:
+    """Another run holding an ffmpeg slot until ``release`` is set."""
+    async with world.service.scheduler.claim(SlotRequest(Priority.HIGH, "video")):
+        task_status.started()
+        await release.wait()
+
+
+async def test_a_run_cancelled_while_queued_gives_its_place_back(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The one ffmpeg slot is held by another run, so the client's Work queues for it. The
+    client leaves at every checkpoint of its Work up to the queue: each time the place is
+    back in that step (only the other run holds anything), no run starts for the Work once
+    the slot frees, and everything is clean."""
+    left_runs = 0
+    for step in range(1, MAX_STEPS):
+        instrument = CancelAtStep()
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            extra = "[limits]\nmax_concurrent_transforms = 1"
+            async with open_world(tmp_path / str(step), extra_config=extra) as world:
+                fds_before = open_fds()
+                scheduler = world.service.scheduler
+                release = trio.Event()
+                result = ClientResult()
+                world.results.append(result)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(hold_a_slot, world, release)
+                    waiting_after: list[int] = []
+                    scope = await nursery.start(leaving_client, world, result, waiting_after)
+                    (work_task,) = world.service.registry._nursery.child_tasks
+                    instrument.watch_task(work_task, step, scope)
+                    waiting = scheduler.snapshot().waiting
+                    while not instrument.fired and not sum(waiting.values()):
+                        await trio.sleep(0.001)  # the Work's source opens in a thread
+                        waiting = scheduler.snapshot().waiting
+                    await trio.testing.wait_all_tasks_blocked()
+                    left = instrument.fired > 0
+                    if left:  # gone before, or while, it waited: nothing of it queued
+                        assert waiting_after == [0], "its place outlived the client's step"
+                        assert scheduler.snapshot().waiting == dict.fromkeys(Priority, 0)
+                        assert scheduler.snapshot().running == 1
+                        left_runs += 1
+                    release.set()
+                await settle(world)
+                await assert_clean(world, fds_before)
+                if left:
+                    assert world.transformer.runs_started == 0
+                    assert world.transformer.probes == 0
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+        if not left:  # its Work waits in the queue, past every step to cancel at
+            break
+    else:
+        pytest.fail("the Work never reached the queue")
+    assert left_runs > 1, "the client never left before the run could start"

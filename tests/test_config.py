@@ -147,7 +147,7 @@ def test_source_tables_are_checked_by_type() -> None:
     auth = { type = "bearer" }
     [[origins.sources]]
     type = "s3"
-    failure_threshold = 0
+    failure_threshold = -1
     """
     with pytest.raises(ConfigError) as caught:
         load_config(text=text, env={})
@@ -172,3 +172,24 @@ def test_source_idle_timeout_carries_units_and_must_be_positive() -> None:
         load_config(text=table + http + "idle_timeout = 0\n" + http + 'idle_timeout = "x"', env={})
     keys = {key for key, _ in caught.value.problems}
     assert keys == {"origins[0].sources[0].idle_timeout", "origins[0].sources[1].idle_timeout"}
+
+
+def test_scheduling_rules_are_checked() -> None:
+    """[scheduling]: unknown kinds of run, a kind in two classes and negative bounds are
+    each reported; the defaults resolve to one slot per CPU and all-but-one per source."""
+    from resizer.scheduling.queue import Priority
+    from resizer.scheduling.rules import classes_from_config, rules_from_config
+
+    base = '[[origins]]\nname = "v"\nmatcher = "^/v/(?P<path>.+)$"\n'
+    base += '[[origins.sources]]\ntype = "filesystem"\nroot = "."\n'
+    bad = '[scheduling]\nhigh = ["frame", "thumbnails"]\nlow = ["frame"]\nmax_queue = -1\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(text=base + bad, env={})
+    problems = caught.value.problems
+    assert [key for key, _ in problems] == ["scheduling", "scheduling", "scheduling.max_queue"]
+    assert "thumbnails" in problems[0][1]
+    config = load_config(text=base + "[limits]\nmax_concurrent_transforms = 4\n", env={})
+    rules = rules_from_config(config)
+    assert (rules.slots, rules.max_per_source, rules.max_per_client) == (4, 3, 0)
+    classes = classes_from_config(config)
+    assert [classes.of(k) for k in ("probe", "video", "prefetch")] == list(Priority)

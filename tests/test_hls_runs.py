@@ -96,13 +96,13 @@ class LocalFile:
 
 @asynccontextmanager
 async def open_hls_world(
-    tmp_path: Path, transformer: FakeTransformer | None = None
+    tmp_path: Path, transformer: FakeTransformer | None = None, prefetch: int = PREFETCH
 ) -> AsyncIterator[HlsWorld]:
     config = load_config(
         text=f"""
         [hls]
         segment_seconds = "4s"
-        prefetch_segments = {PREFETCH}
+        prefetch_segments = {prefetch}
         idle_timeout = "{IDLE}s"
         [[origins]]
         name = "v"
@@ -148,10 +148,23 @@ async def test_one_run_serves_consecutive_segments_and_reads_ahead(
         assert await world.fetch(INIT_SEGMENT) == world.expected(INIT_SEGMENT)
         assert world.transformer.runs_started == 1
         await until(lambda: world.runs() == [(0, 2 + PREFETCH + 1)])
-        await until(lambda: world.service.transform_limiter.borrowed_tokens == 0)
+        await until(lambda: world.service.scheduler.snapshot().busy == 0)
         assert world.transformer.running == 1  # paused, not ended
         published = [await world.cache.lookup(world.job(i).key) for i in range(10)]
         assert [entry is not None for entry in published] == [True] * 6 + [False] * 4
+
+
+async def test_prefetch_off_publishes_only_what_was_asked(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """prefetch_segments = 0 switches read-ahead off: asked for segment 0, the run publishes
+    it and pauses there, nothing beyond."""
+    async with open_hls_world(tmp_path, prefetch=0) as world:
+        assert await world.fetch(0) == world.expected(0)
+        await until(lambda: world.runs() == [(0, 1)])
+        await until(lambda: world.service.scheduler.snapshot().busy == 0)
+        published = [await world.cache.lookup(world.job(i).key) for i in range(4)]
+        assert [entry is not None for entry in published] == [True, False, False, False]
 
 
 async def test_a_run_nobody_asks_of_stops_after_the_idle_timeout(
@@ -166,7 +179,7 @@ async def test_a_run_nobody_asks_of_stops_after_the_idle_timeout(
         assert trio.current_time() - started >= IDLE - 1
         assert world.transformer.running == 0
         assert world.runs() == []
-        assert world.service.transform_limiter.borrowed_tokens == 0
+        assert world.service.scheduler.snapshot().busy == 0
         assert world.service.origin_limiter.borrowed_tokens == 0
 
 
@@ -228,7 +241,7 @@ async def test_a_run_abandoned_mid_segment_publishes_nothing_partial(
         assert world.transformer.running == 0
         assert await world.cache.lookup(world.job(1).key) is None
         assert world.runs() == []
-        assert world.service.transform_limiter.borrowed_tokens == 0
+        assert world.service.scheduler.snapshot().busy == 0
         assert len(world.service.registry) == 0
 
 
@@ -263,7 +276,7 @@ async def test_a_segment_client_cancelled_at_every_checkpoint_leaves_nothing_beh
                 await until(partial(no_runs, world), step=0.5)
                 service = world.service
                 assert world.transformer.running == 0
-                assert service.transform_limiter.borrowed_tokens == 0
+                assert service.scheduler.snapshot().busy == 0
                 assert service.origin_limiter.borrowed_tokens == 0
                 assert len(service.registry) == 0
                 for index in (INIT_SEGMENT, *range(10)):

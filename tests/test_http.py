@@ -323,7 +323,7 @@ async def test_client_leaving_mid_stream_stops_ffmpeg_and_caches_nothing(
 
 
 def _keys(server: RunningServer) -> list[str]:
-    return list(server.service.registry._works)
+    return [work.key for work in server.service.registry._works.values()]
 
 
 async def test_failure_after_headers_aborts_the_connection(

@@ -166,7 +166,8 @@ def cache() -> Iterator[Path]:
 
 
 def accel_config(media: Path, cache: Path) -> Config:
-    extra = f'[http]\ncors_allow_origins = ["{PLAYER}"]'
+    # trust_request_id: the client's X-Request-Id, passed on by nginx, is kept (and echoed).
+    extra = f'[http]\ncors_allow_origins = ["{PLAYER}"]\n[logging]\ntrust_request_id = true'
     text = server_config_text(media, cache, extra)
     return load_config(text=text, env={"RESIZER_SERVER_ACCEL_REDIRECT": ACCEL})
 

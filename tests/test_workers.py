@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,36 +74,42 @@ async def wait_for_workers(server: Supervised, count: int) -> list[int]:
             await trio.sleep(0.05)
 
 
-@pytest.fixture
-async def supervised(tmp_path: Path) -> AsyncIterator[Supervised]:
-    """``resizer serve --workers 2`` on a free port, stopped with SIGTERM afterwards."""
-    media = tmp_path / "media"
-    media.mkdir()
-    make_test_video(media / "clip.mp4", 320, 240, seconds=2)
-    config = tmp_path / "resizer.toml"
-    config.write_text(server_config_text(media, tmp_path / "cache"))
+@asynccontextmanager
+async def running_supervised(
+    config_text: str, folder: Path, workers: int = 2
+) -> AsyncIterator[Supervised]:
+    """``resizer serve --workers N`` with ``config_text`` on a free port, once every worker
+    is up; stopped with SIGTERM afterwards."""
+    config = folder / "resizer.toml"
+    config.write_text(config_text)
     port = free_port()
+    serve = ["serve", "--config", str(config), "--port", str(port), "--workers", str(workers)]
     process = subprocess.Popen(  # noqa: ASYNC220 - started and stopped around the test
-        [
-            sys.executable,
-            *("-m", "resizer", "serve", "--config", str(config)),
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-        ],
+        [sys.executable, "-m", "resizer", *serve],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     server = Supervised(f"http://127.0.0.1:{port}", process)
     try:
         await wait_healthy(server.url)
-        await wait_for_workers(server, 2)
+        await wait_for_workers(server, workers)
         yield server
     finally:
         if process.poll() is None:
             process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture
+async def supervised(tmp_path: Path) -> AsyncIterator[Supervised]:
+    """``resizer serve --workers 2`` on a free port, stopped with SIGTERM afterwards."""
+    media = tmp_path / "media"
+    media.mkdir()
+    make_test_video(media / "clip.mp4", 320, 240, seconds=2)
+    async with running_supervised(
+        server_config_text(media, tmp_path / "cache"), tmp_path
+    ) as server:
+        yield server
 
 
 async def test_two_workers_share_the_socket_the_cache_and_the_metrics(

@@ -5,6 +5,7 @@ Open: requests are refused (the caller falls over to another source, or answers 
 ``Retry-After``) until ``reset_timeout`` has passed. Half-open: at most ``half_open_max``
 probe requests are admitted at once (not every request, unlike the design notes' sample);
 one success closes the breaker, one failure opens it again for another ``reset_timeout``.
+``failure_threshold = 0`` switches it off: it admits everything and never opens.
 
 Every method is synchronous, so admission and bookkeeping cannot be split by a checkpoint.
 Time comes from ``trio.current_time`` (a MockClock in tests).
@@ -34,8 +35,8 @@ class CircuitBreaker:
         half_open_max: int = 3,
         on_change: Callable[[CircuitBreaker], None] | None = None,
     ) -> None:
-        if failure_threshold < 1 or half_open_max < 1:
-            raise ValueError("failure_threshold and half_open_max must be at least 1")
+        if failure_threshold < 0 or half_open_max < 1:
+            raise ValueError("failure_threshold must be 0 (off) or more, half_open_max 1 or more")
         self.name = name
         self.failure_threshold = failure_threshold
         self.reset_timeout = reset_timeout
@@ -77,6 +78,8 @@ class CircuitBreaker:
         self._failures = 0
 
     def record_failure(self) -> None:
+        if self.failure_threshold == 0:
+            return  # switched off
         if self._state is BreakerState.HALF_OPEN:
             self._open()
         elif self._state is BreakerState.CLOSED:

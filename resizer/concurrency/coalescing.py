@@ -16,9 +16,10 @@ and memory per client stays one read chunk.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
 import trio
@@ -26,6 +27,10 @@ from trio_util import AsyncValue
 
 from ..cache.base import CacheWriter, EntryMeta, SpoolReader
 from ..errors import ResizerError, TransformFailed
+from ..scheduling.queue import Priority
+
+if TYPE_CHECKING:
+    from ..scheduling.claims import Claim
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +72,30 @@ class Work:
         # is final (see ``Lead.followed``).
         self.followed_elsewhere: Callable[[], bool] | None = None
         self.kept_for_followers = trio.Event()  # set when only other processes need it
+        # For /admin/inflight: when it started (trio clock), and the pids of the ffmpeg
+        # processes running for it (transform/runner.py records them through current_work).
+        self.started_at = trio.current_time()
+        self.ffmpeg_pids: set[int] = set()
+        # Scheduling (resizer/scheduling/): the Work's class, the best of its clients'
+        # (priority inheritance); who asked first; the claims its runs hold or wait on; and
+        # how long its runs waited for slots in all.
+        self.priority = Priority.MEDIUM
+        self.client = ""
+        self.claims: set[Claim] = set()
+        self.queued_seconds = 0.0
+
+    def raise_priority(self, priority: Priority) -> None:
+        """A client of a higher class joined: the Work and its live claims move up."""
+        if priority < self.priority:
+            self.priority = priority
+            for claim in self.claims:
+                claim.promote(priority)
+
+    def reclass(self, priority: Priority) -> None:
+        """Set the Work's class, up or down (its last client left and it goes on)."""
+        self.priority = priority
+        for claim in self.claims:
+            claim.reclass(priority)
 
     @property
     def state(self) -> WorkState:
@@ -119,6 +148,16 @@ class Work:
 
 
 Producer = Callable[[Work], Awaitable[None]]
+
+# The Work whose producer runs in this task (set by WorkRegistry._run; tasks it starts
+# inherit it): ffmpeg processes started on its behalf record their pids on it.
+current_work: ContextVar[Work | None] = ContextVar("current_work", default=None)
+
+
+def current_ffmpeg_pids() -> set[int]:
+    """The ffmpeg pid set of the current task's Work (a throwaway set outside any Work)."""
+    work = current_work.get()
+    return work.ffmpeg_pids if work is not None else set()
 
 
 def _readable_beyond(offset: int) -> Callable[[Progress], bool]:
@@ -199,10 +238,22 @@ class Subscription:
 class WorkRegistry:
     """Process-wide map from cache key to in-flight Work."""
 
-    def __init__(self, nursery: trio.Nursery, *, finish_without_clients: bool = False) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        finish_without_clients: bool = False,
+        on_unattended: Callable[[Work], None] | None = None,
+        coalesce: bool = True,
+    ) -> None:
         self._nursery = nursery
-        self._works: dict[str, Work] = {}
+        # By key; with coalescing off ([coalescing] enabled = false), by Work: every
+        # request then starts its own Work, never joining another.
+        self._works: dict[object, Work] = {}
+        self.coalesce = coalesce
         self.finish_without_clients = finish_without_clients
+        # Called when the last client of a Work left and it goes on (finish_without_clients).
+        self.on_unattended = on_unattended
 
     def __len__(self) -> int:
         return len(self._works)
@@ -210,13 +261,17 @@ class WorkRegistry:
     def get(self, key: str) -> Work | None:
         return self._works.get(key)
 
+    def __iter__(self) -> Iterator[Work]:
+        """The Works in flight now (a snapshot: safe while Works come and go)."""
+        return iter(list(self._works.values()))
+
     def attach(self, key: str, produce: Producer) -> Subscription:
         """Join the in-flight Work for ``key`` or start it; never awaits."""
-        work = self._works.get(key)
+        work = self._works.get(key) if self.coalesce else None
         joined = work is not None
         if work is None:
             work = Work(key, on_end=self._forget)
-            self._works[key] = work
+            self._works[self._slot(work)] = work
             self._nursery.start_soon(self._run, work, produce, name=f"work {key}")
         work.subscribers += 1
         return Subscription(self, work, joined)
@@ -234,19 +289,29 @@ class WorkRegistry:
         if work.subscribers > 0 or work.state is not WorkState.RUNNING:
             return False
         if self.finish_without_clients:
+            if self.on_unattended is not None:
+                self.on_unattended(work)
             return False
         if work.followed_elsewhere is not None and work.followed_elsewhere():
             work.kept_for_followers.set()  # the Work's lease watcher asks again later
             return False
         self._forget(work)
         work.cancel_scope.cancel()
+        # Its places in the slot queue go back in this very step, not when its task
+        # next runs: a slot freed meanwhile must not be granted to a Work nobody wants.
+        for claim in list(work.claims):
+            claim.release()
         return True
 
     def _forget(self, work: Work) -> None:
-        if self._works.get(work.key) is work:
-            del self._works[work.key]
+        if self._works.get(self._slot(work)) is work:
+            del self._works[self._slot(work)]
+
+    def _slot(self, work: Work) -> object:
+        return work.key if self.coalesce else id(work)
 
     async def _run(self, work: Work, produce: Producer) -> None:
+        current_work.set(work)  # this task's own context: nothing to reset
         try:
             with work.cancel_scope:
                 await produce(work)

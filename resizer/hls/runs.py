@@ -35,6 +35,7 @@ from ..concurrency.coalescing import Work
 from ..concurrency.groups import unwrap_single_exception
 from ..errors import InvalidOption, ResizerError, TransformFailed
 from ..options import INIT_SEGMENT, TransformOptions, cache_key
+from ..scheduling.claims import Claim, SlotRequest
 from ..transform.argv import output_span_ms
 from ..transform.base import MediaInfo
 from ..transform.checks import check_options, check_source
@@ -79,7 +80,8 @@ class Run:
     ended: trio.Event = field(default_factory=trio.Event)
     error: ResizerError | None = None
     waiting: int = 0  # segment Works waiting on this run
-    holds_slot: bool = False  # a transform slot (given back while paused)
+    # Its claim on an ffmpeg slot while it waits for one or runs (given back while paused).
+    claim: Claim | None = None
 
     def __post_init__(self) -> None:
         self.published = AsyncValue(self.start)
@@ -130,6 +132,8 @@ class SegmentRuns:
             run = self._covering(job, index) or self._start(job, index)
             run.want(max(0, index), service.config.hls.prefetch_segments, trio.current_time())
             run.waiting += 1
+            if run.claim is not None:  # a player waits on it now: no longer read-ahead
+                run.claim.promote(work.priority)
             try:
                 await _first(run.reached(index), run.ended.wait)
             finally:
@@ -192,7 +196,9 @@ class SegmentRuns:
     async def _produce_segments(self, run: Run, job: Job) -> None:
         service = self._service
         async with service.origin_slot(), service.open_input(job) as (media, size):
-            info = await service.transformer.probe(media)
+            probe = self._slot_request(job, "probe" if run.waiting else "prefetch")
+            async with service.scheduler.claim(probe):
+                info = await service.transformer.probe(media)
             check_source(info, size, service.source_limits)
             check_options(job.options, info)
             segments = segmentation(job.options, info, service.config.limits.max_duration)
@@ -201,9 +207,7 @@ class SegmentRuns:
                     "segment",
                     f"{run.start} is beyond the last segment ({segments.count - 1})",
                 )
-            limiter = service.transform_limiter
-            await limiter.acquire_on_behalf_of(run)
-            run.holds_slot = True
+            await self._take_slot(run, job)
             try:
                 async with service.transformer.open_output(
                     media, info, replace(job.options, segment=run.start)
@@ -211,13 +215,34 @@ class SegmentRuns:
                     service.metrics.transforms.inc()
                     service.metrics.transforms_running.inc()
                     try:
-                        await self._cut(run, job, out, segments, limiter)
+                        await self._cut(run, job, out, segments)
                     finally:
                         service.metrics.transforms_running.dec()
             finally:
-                if run.holds_slot:  # a paused run gave its slot back
-                    run.holds_slot = False
-                    limiter.release_on_behalf_of(run)
+                self._give_slot_back(run)  # unless a pause did already
+
+    def _slot_request(self, job: Job, kind: str) -> SlotRequest:
+        priority = self._service.classes.of(kind)
+        return SlotRequest(priority, kind, f"{job.source.origin}:{job.source.path}")
+
+    async def _take_slot(self, run: Run, job: Job) -> None:
+        """Wait for a slot: as a segment a player waits for, or as read-ahead."""
+        claim = self._service.scheduler.claim(
+            self._slot_request(job, "segment" if run.waiting else "prefetch")
+        )
+        run.claim = claim  # while it waits too: a player asking promotes it
+        granted = False
+        try:
+            await claim.__aenter__()
+            granted = True
+        finally:
+            if not granted:
+                run.claim = None
+
+    def _give_slot_back(self, run: Run) -> None:
+        if run.claim is not None:
+            run.claim.release()
+            run.claim = None
 
     async def _cut(
         self,
@@ -225,7 +250,6 @@ class SegmentRuns:
         job: Job,
         out: trio.abc.ReceiveStream,
         segments: Segments,
-        limiter: trio.CapacityLimiter,
     ) -> None:
         """Publish what ffmpeg writes: the init segment, then one entry per fragment."""
         service = self._service
@@ -258,23 +282,21 @@ class SegmentRuns:
                         index += 1
                         run.published.value = index
                         if index < segments.count:
-                            await self._pause_if_ahead(run, limiter)
+                            await self._pause_if_ahead(run, job)
         if not splitter.idle or index < segments.count:
             raise TransformFailed(
                 f"ffmpeg ended after {index} of {segments.count} segments of {run.rendition}"
             )
 
-    async def _pause_if_ahead(self, run: Run, limiter: trio.CapacityLimiter) -> None:
+    async def _pause_if_ahead(self, run: Run, job: Job) -> None:
         """Wait while ``prefetch_segments`` are ready beyond the newest segment asked for."""
         if run.position <= run.wanted_until:
             return
-        run.holds_slot = False
-        limiter.release_on_behalf_of(run)  # ffmpeg blocks on its full pipe: no CPU used
+        self._give_slot_back(run)  # ffmpeg blocks on its full pipe: no CPU used
         while run.position > run.wanted_until:
             run.wanted = trio.Event()
             await run.wanted.wait()
-        await limiter.acquire_on_behalf_of(run)
-        run.holds_slot = True
+        await self._take_slot(run, job)
 
     async def _end_when_idle(self, run: Run, scope: trio.CancelScope) -> None:
         """Cancel the run once nobody waits on it and nobody asked for ``idle_timeout``,

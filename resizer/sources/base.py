@@ -7,10 +7,14 @@ filesystem source; later, a shared local copy for remote sources.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+# Told of each source made available: its kind (a metrics label), seconds, bytes fetched.
+FetchObserver = Callable[[str, float, int], None]
 
 
 @dataclass(frozen=True, slots=True)

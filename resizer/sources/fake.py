@@ -41,9 +41,11 @@ class FakeSource:
         self.objects: dict[str, bytes] = dict(objects or {})
         self.scripts: dict[str, Script] = dict(scripts or {})
         self.opens = 0  # fetches started: tests assert "one fetch"
+        self.stats = 0  # existence checks asked for
         self.open_now = 0  # fetches not yet closed: must return to 0
 
     async def stat(self, path: str) -> SourceStat:
+        self.stats += 1
         await trio.lowlevel.checkpoint()
         if path not in self.objects:
             raise SourceNotFound(f"no source at {path!r}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import trio
 
 from ..cache.sources import SourceFileCache
 from ..concurrency.breaker import CircuitBreaker
@@ -30,7 +31,7 @@ from ..errors import (
     ServiceUnavailable,
     SourceNotFound,
 )
-from .base import LocalSource, Source, SourceStat
+from .base import FetchObserver, LocalSource, Source, SourceStat
 from .filesystem import FilesystemSource
 from .http import HttpSource
 from .security import AddressPolicy, ListeningAddresses
@@ -108,35 +109,55 @@ class Resolved:
     breaker: CircuitBreaker | None = None
     ttl: Mapping[str, float] | None = None  # the origin's TTL by response class
     request_path: str = ""  # what was resolved, to fall over to another source later
+    # Told of each successful open: the source's kind label, seconds, bytes fetched.
+    on_fetched: FetchObserver | None = None
+
+    @property
+    def fetch_label(self) -> str:
+        """The source's kind for metrics ("remote": an allowed remote URL, not an origin)."""
+        return "remote" if self.origin == "remote" and not self.request_path else self.source.kind
 
     @asynccontextmanager
     async def open(self, files: SourceFileCache | None = None) -> AsyncIterator[LocalSource]:
-        """Fetch the object, reporting the outcome to the breaker.
+        """Fetch the object, reporting the outcome to the breaker and to ``on_fetched``.
 
-        Remote objects go through ``files`` when given: downloaded once, shared by variants.
+        Remote objects go through ``files`` when given: downloaded once, shared by variants
+        (a reused download fetches no bytes; a filesystem source "fetches" its file's size).
         """
         opened: AbstractAsyncContextManager[LocalSource]
-        if files is not None and self.source.kind in REMOTE_KINDS:
-            opened = files.open(self.source, self.path, self.stat)
+        kept = files if files is not None and self.source.kind in REMOTE_KINDS else None
+        downloads = -1  # the kept files' download count before opening (-1: kept already)
+        if kept is not None:
+            if not kept.holds(self.source, self.path, self.stat):
+                downloads = kept.downloads
+            opened = kept.open(self.source, self.path, self.stat)
         else:
             opened = self.source.open(self.path)
         breaker = self.breaker
-        if breaker is None:
-            async with opened as local:
-                yield local
-            return
+        began = trio.current_time()
         try:
             async with opened as local:
-                breaker.record_success()  # fetched; what the caller does next is not ours
+                if breaker is not None:
+                    breaker.record_success()  # fetched; what the caller does next is not ours
+                if self.on_fetched is not None:
+                    fetched = local.size
+                    if kept is not None and not 0 <= downloads < kept.downloads:
+                        fetched = 0  # a kept download, nothing fetched now
+                    self.on_fetched(self.fetch_label, trio.current_time() - began, fetched)
                 yield local
         except _FAILOVER_ERRORS:
-            breaker.record_failure()
+            if breaker is not None:
+                breaker.record_failure()
             raise
 
 
 class Origins:
-    def __init__(self, origins: Sequence[Origin]) -> None:
+    def __init__(
+        self, origins: Sequence[Origin], *, on_fetched: FetchObserver | None = None
+    ) -> None:
         self.origins = tuple(origins)
+        # Given to every Resolved (metrics: set by the web layer, web.requestlog).
+        self.on_fetched = on_fetched
 
     @property
     def breakers(self) -> list[CircuitBreaker]:
@@ -232,6 +253,7 @@ class Origins:
                 breaker,
                 origin.ttl,
                 request_path,
+                self.on_fetched,
             )
         if last_failure is None:
             raise SourceNotFound(f"{request_path!r} does not exist on origin {origin.name!r}")

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import NoReturn
@@ -21,6 +21,7 @@ from typing import NoReturn
 import imageio_ffmpeg
 import trio
 
+from ..concurrency.coalescing import current_ffmpeg_pids
 from ..concurrency.groups import unwrap_single_exception
 from ..errors import ConfigError, ResizerError, TransformFailed, TransformTimeout
 from ..options import TransformOptions
@@ -91,8 +92,11 @@ class FfmpegOutput(trio.abc.ReceiveStream):
         stderr_tail: _Tail,
         stderr_done: trio.Event,
         source: MediaInput,
+        on_first_output: Callable[[float], None] | None = None,
     ) -> None:
         self.pid: int = process.pid
+        self.started = trio.current_time()
+        self._on_first_output = on_first_output
         self.bytes_received = 0
         self._process = process
         self._stdout = stdout
@@ -125,6 +129,8 @@ class FfmpegOutput(trio.abc.ReceiveStream):
         with trio.move_on_at(self._deadline):
             data = await self._stdout.receive_some(max_bytes)
             if data:
+                if not self.bytes_received and self._on_first_output is not None:
+                    self._on_first_output(trio.current_time() - self.started)
                 self.bytes_received += len(data)
                 return data
             # stdout closed: the exit status decides between EOF and failure. The stderr
@@ -169,8 +175,18 @@ class FfmpegOutput(trio.abc.ReceiveStream):
         return f"ffmpeg {status}: {tail}" if tail else f"ffmpeg {status}"
 
 
+def run_mode(options: TransformOptions) -> str:
+    """What an ffmpeg run produces, for metrics: hls (segments), or the option's mode."""
+    return "hls" if options.segment is not None else options.mode.value
+
+
 class FfmpegTransformer:
-    """``Transformer`` backed by an ffmpeg binary (see ``resolve_ffmpeg``)."""
+    """``Transformer`` backed by an ffmpeg binary (see ``resolve_ffmpeg``).
+
+    ``on_run(mode, seconds)`` hears of every ffmpeg process when it ends ("probe" for
+    probes, else ``run_mode``), and ``on_first_output(seconds)`` when a transformation's
+    first output byte arrives, that long after its start (the web layer sets both).
+    """
 
     def __init__(
         self,
@@ -179,15 +195,21 @@ class FfmpegTransformer:
         timeout: float = 10 * MINUTES,
         probe_timeout: float = 20 * SECONDS,
         kill_grace: float = 1 * SECONDS,
+        *,
+        on_run: Callable[[str, float], None] | None = None,
+        on_first_output: Callable[[float], None] | None = None,
     ) -> None:
         self.ffmpeg = ffmpeg
         self.settings = settings or EncoderSettings()
         self.timeout = timeout
         self.probe_timeout = probe_timeout
         self.kill_grace = kill_grace
+        self.on_run = on_run
+        self.on_first_output = on_first_output
 
     async def probe(self, source: MediaInput) -> MediaInfo:
         argv = probe_argv(self.ffmpeg, source, self.settings)
+        started = trio.current_time()
         with trio.move_on_after(self.probe_timeout) as scope:
             try:
                 result = await trio.run_process(
@@ -200,6 +222,9 @@ class FfmpegTransformer:
                 )
             except OSError as err:
                 raise TransformFailed(f"cannot run ffmpeg: {err.strerror or err}") from err
+            finally:
+                if self.on_run is not None:
+                    self.on_run("probe", trio.current_time() - started)
         if scope.cancelled_caught:
             raise TransformTimeout(f"probing the source took over {self.probe_timeout:g} s")
         return parse_probe_output(result.stderr.decode("utf-8", errors="replace"))
@@ -224,7 +249,11 @@ class FfmpegTransformer:
         # Shielded so an outer cancellation reaches only the caller's body: the drainer then
         # never adds a second Cancelled to the nursery's group. We stop it ourselves.
         drain_scope = trio.CancelScope(shield=True)
-        output = FfmpegOutput(process, stdout, deadline, self.timeout, tail, stderr_done, source)
+        output = FfmpegOutput(
+            process, stdout, deadline, self.timeout, tail, stderr_done, source, self.on_first_output
+        )
+        pids = current_ffmpeg_pids()  # the Work's, shown by /admin/inflight
+        pids.add(process.pid)
 
         # The drainer never raises, so only the caller's exception can leave the nursery:
         # unwrap it from trio's group (contextlib then re-raises it unchanged).
@@ -235,7 +264,10 @@ class FfmpegTransformer:
                     yield output
                 finally:
                     await self._terminate(process, stdout)
+                    pids.discard(process.pid)
                     drain_scope.cancel()
+                    if self.on_run is not None:
+                        self.on_run(run_mode(options), trio.current_time() - output.started)
 
     async def _terminate(self, process: trio.Process, stdout: trio.abc.ReceiveStream) -> None:
         """Make sure ffmpeg is gone: SIGTERM, grace, SIGKILL; immune to outer cancellation."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 
 import structlog
@@ -21,10 +20,13 @@ from ..options import TransformOptions, cache_key
 from ..pipeline import Job, Lookup, Service
 from ..responsive import Resolved as Choice
 from ..responsive import resolve_options
+from ..scheduling.rules import is_prefetch, request_kind
 from ..targets import Target, parse_target
 from .accel import accel_headers
+from .admin import add_admin_routes
 from .asgi import ERROR_HEADERS, ExchangeGuard, error_body, release_on_exchange_end
 from .cors import Cors, CorsPolicy
+from .debug_view import debug_view, is_debug_request
 from .hits import LOOKUP_SCOPE_KEY, HitFastPath, negotiation_headers, plan_hit
 from .ranges import (
     ByteRange,
@@ -33,6 +35,7 @@ from .ranges import (
     parse_range,
     parse_range_spec,
 )
+from .requestlog import current_record, new_request_id, note_lookup, observe_service
 from .zerocopy import ZeroCopyHits
 
 log = structlog.get_logger(__name__)
@@ -64,8 +67,9 @@ def create_app(service: Service) -> ExchangeGuard:
     @app.before_request
     async def bind_request_id() -> None:
         structlog.contextvars.clear_contextvars()
+        record = current_record()  # the exchange guard's, which chose the id
         structlog.contextvars.bind_contextvars(
-            request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16],
+            request_id=record.request_id if record is not None else new_request_id(),
             method=request.method,
             path=request.path,
         )
@@ -110,21 +114,27 @@ def create_app(service: Service) -> ExchangeGuard:
     async def metrics() -> Response:
         return Response(service.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
+    add_admin_routes(app, service)  # /readyz, /admin/inflight (web/admin.py)
+
     @app.route("/<path:_path>", methods=["GET", "HEAD"])
     async def media(_path: str) -> Response:
+        if is_debug_request(request.path, request.query_string):
+            return await debug_view(service)  # the diagnostics page (web/debug_view.py)
         return await serve_media(service)
 
     # Inside the guard: its shielded final send covers preflights too, and its own answer
     # (a 400 to TE + CL framing, which browsers never send) needs no CORS headers.
     policy = CorsPolicy.of(service.config.http.cors_allow_origins)
+    observe_service(service)  # ffmpeg runs and source fetches: metrics and Server-Timing
     return ExchangeGuard(
         Cors(HitFastPath(app, service), policy, service.metrics.count_request),
         zerocopy=ZeroCopyHits(service, policy),
+        metrics=service.metrics,
+        trust_request_id=service.config.logging.trust_request_id,
     )
 
 
 async def serve_media(service: Service) -> Response:
-    started = trio.current_time()
     target = parse_target(request.path, request.query_string)
     headers = {name: value for name, value in request.headers.items()}
     choice = resolve_options(target.params, headers, service.policy)
@@ -134,7 +144,7 @@ async def serve_media(service: Service) -> Response:
         raise remembered
     ttl = service.ttl_for(target)
     try:
-        return await answer_media(service, target, choice, key, ttl, started)
+        return await answer_media(service, target, choice, key, ttl)
     except ResizerError as exc:
         service.failures.remember(key, exc, ttl)
         raise
@@ -146,13 +156,14 @@ async def answer_media(
     choice: Choice,
     key: str,
     ttl: Mapping[str, float],
-    started: float,
 ) -> Response:
     options = choice.options
     head = request.method == "HEAD"
     found = request.scope.get(LOOKUP_SCOPE_KEY)
     if not isinstance(found, Lookup) or found.key != key:
+        looked_up = trio.current_time()
         found = await service.lookup_or_resolve(key, target)
+        note_lookup(trio.current_time() - looked_up)
     elif found.error is not None:
         raise found.error
     entry = found.entry
@@ -176,7 +187,11 @@ async def answer_media(
             response.headers["X-Cache-Status"] = "MISS"
             status = "MISS"
         else:
-            subscription = service.subscribe(Job(key, resolved, options, target))
+            subscription = service.subscribe(
+                Job(key, resolved, options, target),
+                kind=request_kind(options, prefetch=is_prefetch(request.headers.items())),
+                client=request.remote_addr or "",
+            )
             release_on_exchange_end(subscription.detach)
             await subscription.wait_first_bytes()
             status = "COALESCED" if subscription.joined else "MISS"
@@ -195,7 +210,6 @@ async def answer_media(
         response.headers["X-Source"] = resolved.source.kind
         apply_representation_headers(response, options, ttl.get("ok", service.config.cache.ttl))
     apply_negotiation_headers(response, service, options, choice.vary)
-    service.metrics.request_seconds.labels(status).observe(trio.current_time() - started)
     return response
 
 

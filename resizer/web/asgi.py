@@ -15,6 +15,11 @@ Three things Quart/hypercorn do not guarantee by themselves:
 It also refuses a request framed by both ``Transfer-Encoding`` and ``Content-Length`` (h11
 accepts it): behind a front proxy that reads the other header, that is request smuggling, so
 RFC 9112 section 6.1 wants the connection closed; resizer takes no request bodies anyway.
+
+And it keeps each request's ``RequestRecord`` (web.requestlog): current while the app runs,
+filled from what the response sends (status, X-Cache-Status, X-Origin, X-Source, body bytes,
+first and last byte), finished with the request's metrics and access-log line. It gives
+every response the record's ``X-Request-Id`` and media responses their ``Server-Timing``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from hypercorn.typing import (
 )
 
 from ..errors import ResizerError
+from ..metrics import Metrics
 from ..units import SECONDS
+from .requestlog import RequestRecord, finish, open_record, recording, request_id_for, server_timing
 
 log = structlog.get_logger(__name__)
 
@@ -81,12 +88,67 @@ async def _refuse_and_close(send: ASGISendCallable, message: str) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def _header(scope: HTTPScope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _tracked(send: ASGISendCallable, record: RequestRecord) -> ASGISendCallable:
+    """``send``, filling ``record`` from the response and adding its X-Request-Id and (on
+    media) Server-Timing; ``record.aborted`` stays True until the last body byte is sent."""
+
+    async def tracked_send(message: Any) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            record.status = message["status"]
+            headers = []
+            for name, value in message.get("headers", ()):
+                lower = name.lower()
+                if lower == b"x-request-id":
+                    continue  # the record's, below (the same unless a layer guessed)
+                if lower == b"x-cache-status":
+                    record.cache_status = value.decode("latin-1")
+                elif lower == b"x-origin":
+                    record.origin = value.decode("latin-1")
+                elif lower == b"x-source":
+                    record.source = value.decode("latin-1")
+                headers.append((name, value))
+            headers.append((b"x-request-id", record.request_id.encode("latin-1")))
+            if record.route == "media" and (timing := server_timing(record)) is not None:
+                headers.append((b"server-timing", timing.encode()))
+            message = {**message, "headers": headers}
+        elif kind == "http.response.body":
+            if record.ttfb is None:  # the headers leave with the first body message
+                record.ttfb = trio.current_time() - record.started
+            await send(message)
+            record.bytes += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                record.aborted = False
+                record.duration = trio.current_time() - record.started
+            return
+        await send(message)
+
+    return tracked_send
+
+
 class ExchangeGuard:
-    def __init__(self, app: ASGIFramework, *, zerocopy: object = None) -> None:
+    def __init__(
+        self,
+        app: ASGIFramework,
+        *,
+        zerocopy: object = None,
+        metrics: Metrics | None = None,
+        trust_request_id: bool = False,
+    ) -> None:
         self.app = app
         # The connection layer in front of hypercorn (web.zerocopy) finds its hit server
         # here, on the app hypercorn was given.
         self.zerocopy = zerocopy
+        self.metrics = metrics
+        # [logging] trust_request_id: take X-Request-Id from the request (a trusted proxy's).
+        self.trust_request_id = trust_request_id
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -94,7 +156,30 @@ class ExchangeGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = trio.current_time()
+        request_id = request_id_for(_header(scope, b"x-request-id"), trust=self.trust_request_id)
+        query = scope["query_string"].decode("latin-1")
+        record = open_record(scope["method"], scope["path"], query, request_id, started)
+        record.aborted = True  # until the last body byte is sent
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.active_requests.inc()
+        try:
+            with recording(record):
+                await self._exchange(scope, receive, _tracked(send, record), record)
+        finally:
+            if metrics is not None:
+                metrics.active_requests.dec()
+            ended = record.duration
+            finish(record, metrics, trio.current_time() if ended is None else started + ended)
 
+    async def _exchange(
+        self,
+        scope: HTTPScope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        record: RequestRecord,
+    ) -> None:
         if _ambiguous_framing(scope):
             log.info("request refused", status=400, reason="Transfer-Encoding and Content-Length")
             message = "a request must not carry both Transfer-Encoding and Content-Length"
@@ -135,6 +220,7 @@ class ExchangeGuard:
             # the client sees the truncation; the traceback would add nothing.
             for error in group.exceptions:
                 log.warning("response aborted after headers", reason=str(error))
+            record.aborted = False  # cut by the server, not left by the client
         finally:
             _exchange_releases.reset(token)
             for release in releases:

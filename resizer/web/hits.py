@@ -11,7 +11,6 @@ the Quart app unchanged, which also re-checks the cache, so a race only costs ti
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -36,7 +35,9 @@ from ..pipeline import Service
 from ..responsive import ACCEPT_CH, resolve_options
 from ..targets import parse_target
 from .accel import accel_headers
+from .debug_view import is_debug_request
 from .ranges import ByteRange, check_preconditions, http_date, if_range_allows, parse_range
+from .requestlog import current_record, note_lookup, request_id_for
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +45,7 @@ log = structlog.get_logger(__name__)
 LOOKUP_SCOPE_KEY = "resizer.lookup"
 
 # Routes that are never media.
-_OTHER_PATHS = frozenset({"/healthz", "/metrics"})
+_OTHER_PATHS = frozenset({"/healthz", "/metrics", "/readyz", "/admin/inflight"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,7 @@ class HitFastPath:
             scope["type"] != "http"
             or scope["method"] not in ("GET", "HEAD")
             or scope["path"] in _OTHER_PATHS
+            or is_debug_request(scope["path"], scope["query_string"])  # never from the cache
             or not await self._answer_hit(scope, receive, send)
         ):
             await self.app(scope, receive, send)
@@ -130,6 +132,7 @@ class HitFastPath:
         if service.failures.recall(key) is not None:
             return False
         found = await service.lookup_or_resolve(key, target, raise_error=False)
+        note_lookup(trio.current_time() - started)
         entry = found.entry
         if entry is None:
             # A miss: Quart continues with what was found (the resolved source or its
@@ -144,7 +147,14 @@ class HitFastPath:
         offloaded = accel_headers(service, entry, plan, headers)
         if offloaded is not None:  # behind nginx: it sends the file (and cuts the range)
             plan = HitPlan(200, offloaded, None)
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        record = current_record()  # the exchange guard's, which chose the id
+        request_id = (
+            record.request_id
+            if record is not None
+            else request_id_for(
+                headers.get("x-request-id"), trust=service.config.logging.trust_request_id
+            )
+        )
         response_headers = {
             **plan.headers,
             **negotiation_headers(service, choice.options, choice.vary),
@@ -153,7 +163,7 @@ class HitFastPath:
         encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers.items()]
         head = scope["method"] == "HEAD"
         if plan.span is None or head or plan.span.length == 0:
-            await self._start(send, scope["method"], plan.status, encoded, started)
+            await self._start(send, scope["method"], plan.status, encoded)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return True
         chunks = service.adaptive_chunks()
@@ -169,7 +179,7 @@ class HitFastPath:
                     # Replaced or deleted since the lookup, and nothing sent yet: Quart
                     # answers instead (it looks the key up again).
                     return False
-                await self._start(send, scope["method"], plan.status, encoded, started)
+                await self._start(send, scope["method"], plan.status, encoded)
                 if await self._send_body(reader, chunks, receive, send):
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -220,12 +230,9 @@ class HitFastPath:
         method: str,
         status: int,
         headers: list[tuple[bytes, bytes]],
-        started: float,
     ) -> None:
-        metrics = self.service.metrics
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        metrics.count_request(method, status)
-        metrics.request_seconds.labels("HIT").observe(trio.current_time() - started)
+        self.service.metrics.count_request(method, status)
 
 
 async def _cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope) -> None:

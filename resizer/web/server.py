@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
@@ -10,6 +12,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from ..config import Config
 from ..pipeline import Service, open_service
 from ..transform.base import Transformer
+from .admin import mark_draining
 from .app import create_app
 from .listeners import use_draining_listeners
 from .zerocopy import use_hit_connections
@@ -78,9 +81,11 @@ async def _serve_http(
     shutdown_trigger: trio.Event | None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve(
-        create_app(service),
-        hc,
-        shutdown_trigger=shutdown_trigger.wait if shutdown_trigger is not None else None,
-        task_status=task_status,
-    )
+    draining = None if shutdown_trigger is None else partial(_drain, service, shutdown_trigger)
+    await serve(create_app(service), hc, shutdown_trigger=draining, task_status=task_status)
+
+
+async def _drain(service: Service, trigger: trio.Event) -> None:
+    """hypercorn's shutdown trigger: /readyz answers 503 from the moment shutdown begins."""
+    await trigger.wait()
+    mark_draining(service)

@@ -8,8 +8,10 @@ environment problem restarts cannot fix), and on SIGINT/SIGTERM stops them all g
 
 Shared between workers: the disk cache, whose leases make one process produce each key;
 metrics, through prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a
-private folder per supervisor). Per worker: the in-flight registry, limiters, stream budget,
-circuit breakers and negative cache, so those limits apply per worker.
+private folder per supervisor); the ffmpeg slots, through the scheduling coordinator the
+supervisor serves on a Unix socket in another private folder (``RESIZER_SCHEDULER_SOCKET``,
+see scheduling/coordinator.py). Per worker: the in-flight registry, origin limiter, stream
+budget, circuit breakers and negative cache, so those limits apply per worker.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import trio
 from prometheus_client import multiprocess
 
 from ..config import Config
+from ..scheduling.coordinator import SOCKET_ENV, Coordinator
+from ..scheduling.rules import rules_from_config
 from ..units import SECONDS
 
 log = structlog.get_logger(__name__)
@@ -80,18 +84,26 @@ class Supervisor:
         server = self.config.server
         listener = bind_listener(server.host, server.port, server.backlog)
         metrics_dir = tempfile.mkdtemp(prefix="resizer-metrics-")
-        env = {**os.environ, METRICS_DIR_ENV: metrics_dir}
+        scheduler_dir = tempfile.mkdtemp(prefix="resizer-scheduler-")
+        scheduler_socket = Path(scheduler_dir) / "slots.sock"
+        env = {**os.environ, METRICS_DIR_ENV: metrics_dir, SOCKET_ENV: str(scheduler_socket)}
         argv = worker_argv(self.config_path, listener.fileno())
         try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.workers):
-                    await nursery.start(self._run_worker, argv, listener.fileno(), env, stop)
-                host, port = listener.getsockname()[:2]
-                task_status.started(f"http://{host}:{port}")
-                await stop.wait()
+            # The coordinator outlives the workers: they give their slots back as they stop.
+            async with trio.open_nursery() as services:
+                coordinator = Coordinator(rules_from_config(self.config))
+                await services.start(coordinator.serve, scheduler_socket)
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self.workers):
+                        await nursery.start(self._run_worker, argv, listener.fileno(), env, stop)
+                    host, port = listener.getsockname()[:2]
+                    task_status.started(f"http://{host}:{port}")
+                    await stop.wait()
+                services.cancel_scope.cancel()
         finally:
             listener.close()
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            shutil.rmtree(scheduler_dir, ignore_errors=True)
 
     async def _run_worker(
         self,

@@ -22,6 +22,10 @@ cache). TLS and HTTP/2 never come here: sendfile cannot encrypt, and hypercorn t
 them. With ``[server] accel_redirect`` (behind nginx) a hit's answer here is the empty
 ``X-Accel-Redirect`` response of ``web.accel``, and nginx sends the file.
 
+Each hit answered here gets the same access-log line and request metrics as one answered
+through ASGI (``web.requestlog``), its ``X-Request-Id`` and a ``Server-Timing`` naming its
+lookup; its body bytes are those sendfile actually sent.
+
 hypercorn builds a ``TCPServer(app, config, context, state, stream)`` for every accepted
 connection; ``use_hit_connections`` makes its trio worker build a ``HitFirstConnection``
 (same signature) instead, which finds the service's ``ZeroCopyHits`` on the app it was given.
@@ -29,7 +33,6 @@ connection; ``use_hit_connections`` makes its trio worker build a ``HitFirstConn
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import socket
@@ -56,8 +59,10 @@ from ..targets import parse_target
 from ..units import KiB, MiB
 from .accel import accel_headers
 from .cors import CorsPolicy, response_headers
+from .debug_view import is_debug_request
 from .hits import HitPlan, negotiation_headers, plan_hit
 from .ranges import ByteRange
+from .requestlog import RequestRecord, finish, open_record, request_id_for
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +71,7 @@ _RECEIVE = 64 * KiB
 # A body is sent in sendfile calls of at most this, with a checkpoint between them: one
 # fast client on loopback must not keep the event loop from everyone else.
 SENDFILE_SLICE = 1 * MiB
-_NOT_HERE = frozenset({"/healthz", "/metrics"})
+_NOT_HERE = frozenset({"/healthz", "/metrics", "/readyz", "/admin/inflight"})
 # No MSG_MORE on the head: corked before a sendfile from an unaligned offset, the last
 # segment waited for the kernel's 200 ms cork timer (wrk: ranges past 64 KiB took 208 ms).
 # Only the plainest requests are parsed here (anything else is hypercorn's, with h11):
@@ -112,8 +117,7 @@ class ZeroCopyHits:
         # entry's own fields by ETag (a new version has a new ETag).
         self._routes: OrderedDict[tuple[object, ...], _Route | None] = OrderedDict()
         self._entry_fields: OrderedDict[tuple[str, bool], bytes] = OrderedDict()
-        self._request_ids = itertools.count()
-        self._request_prefix = os.urandom(4).hex()
+        self._trust_request_id = service.config.logging.trust_request_id
 
     @property
     def enabled(self) -> bool:
@@ -158,7 +162,13 @@ class ZeroCopyHits:
             if hit is None:
                 return bytes(received)
             del received[: end + 4]
-            if not await self._send(sock, raw, hit) or request.close:
+            sent = False
+            self.service.metrics.active_requests.inc()
+            try:
+                sent = await self._send(sock, raw, hit)
+            finally:
+                self._finish(hit.record, sent)
+            if not sent or request.close:
                 return None  # the client went away mid-body, or asked to close
             # One turn of the scheduler per request, as a server that awaited the next one.
             await trio.lowlevel.checkpoint()
@@ -175,7 +185,7 @@ class ZeroCopyHits:
         raw_path, _, query = request.target.partition(b"?")
         path = unquote(raw_path.decode("ascii"))
         route = None
-        if path not in _NOT_HERE:
+        if path not in _NOT_HERE and not is_debug_request(path, query):  # debug=view: Quart's
             try:
                 target = parse_target(path, query)
                 choice = resolve_options(target.params, headers, service.policy)
@@ -232,7 +242,8 @@ class ZeroCopyHits:
             fields = _fields(
                 (k.encode("latin-1"), v.encode("latin-1")) for k, v in plan.headers.items()
             )
-        request_id = headers.get("x-request-id") or self._new_request_id()
+        request_id = request_id_for(headers.get("x-request-id"), trust=self._trust_request_id)
+        looked_up = trio.current_time() - started
         head = b"".join(
             (
                 b"HTTP/1.1 ",
@@ -242,6 +253,7 @@ class ZeroCopyHits:
                 route.fields,
                 b"X-Request-Id: ",
                 request_id.encode("latin-1"),
+                b"\r\nServer-Timing: lookup;dur=%.3f" % (looked_up * 1000),
                 b"\r\nDate: ",
                 self._http_date(),
                 b"\r\nConnection: close\r\n\r\n" if request.close else b"\r\n\r\n",
@@ -250,10 +262,20 @@ class ZeroCopyHits:
         metrics = service.metrics
         metrics.cache_hits.inc()
         metrics.count_request(request.method, status)
-        metrics.request_seconds.labels("HIT").observe(trio.current_time() - started)
         if request.method == "HEAD" or span is None or not span.length:
             span = None
-        return _Hit(head, data_file, span)
+        raw_path, _, query = request.target.partition(b"?")
+        record = open_record(
+            request.method,
+            unquote(raw_path.decode("ascii")),
+            query.decode("ascii"),
+            request_id,
+            started,
+        )
+        record.status, record.cache_status, record.lookup = status, "HIT", looked_up
+        if entry.source:
+            record.origin, _, record.source = entry.source.rpartition(":")
+        return _Hit(head, data_file, span, record)
 
     def _fields_of(self, entry: EntryMeta, now: float, accel: bool) -> bytes | None:
         """The fields of a 200 of the whole ``entry`` (``accel``: of the redirect that hands
@@ -276,8 +298,12 @@ class ZeroCopyHits:
         max_age = max(0, int(entry.expires - now))
         return b"%sCache-Control: public, max-age=%d\r\n" % (fixed, max_age)
 
-    def _new_request_id(self) -> str:
-        return f"{self._request_prefix}{next(self._request_ids):08x}"
+    def _finish(self, record: RequestRecord, sent: bool) -> None:
+        """A hit has ended (``sent``: to its last byte): its metrics and access-log line."""
+        metrics = self.service.metrics
+        metrics.active_requests.dec()
+        record.aborted = not sent
+        finish(record, metrics, trio.current_time())
 
     def _http_date(self) -> bytes:
         now = int(time.time())
@@ -287,21 +313,25 @@ class ZeroCopyHits:
 
     async def _send(self, sock: trio.socket.SocketType, raw: socket.socket, hit: _Hit) -> bool:
         """Send the head, then the body with sendfile; False when the client went away."""
+        record = hit.record
         if hit.span is None:
             try:
                 await _send_bytes(sock, raw, hit.head, 0)
             except OSError:
                 return False
+            record.ttfb = trio.current_time() - record.started
             return True
         try:
             fd = os.open(hit.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             # Replaced or evicted since the lookup, and nothing was sent: a 503 the client
             # may retry, and the connection goes on.
+            record.status, record.cache_status = 503, None
             return await _send_vanished(sock, raw)
         try:
             await _send_bytes(sock, raw, hit.head, 0)
-            await _sendfile(sock, fd, hit.span.start, hit.span.length)
+            record.ttfb = trio.current_time() - record.started
+            await _sendfile(sock, fd, hit.span.start, hit.span.length, record)
         except OSError:
             self.service.metrics.stream_aborts.inc()
             return False
@@ -315,6 +345,7 @@ class _Hit:
     head: bytes  # status line and fields, ready to send
     path: str  # the cache file
     span: ByteRange | None  # None: no body (HEAD, 304)
+    record: RequestRecord  # what the access log and the metrics say about it
 
 
 # Part of the memo key of a target: the request fields responsive sizing may read.
@@ -391,8 +422,11 @@ async def _send_bytes(
         view = view[sent:]
 
 
-async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> None:
-    """``count`` bytes of ``fd`` from ``offset`` to the socket, by the kernel."""
+async def _sendfile(
+    sock: trio.socket.SocketType, fd: int, offset: int, count: int, record: RequestRecord
+) -> None:
+    """``count`` bytes of ``fd`` from ``offset`` to the socket, by the kernel (counted in
+    ``record.bytes`` as they go)."""
     out = sock.fileno()
     while count:
         try:
@@ -404,6 +438,7 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: i
             raise BrokenPipeError("cache file ended early")
         offset += sent
         count -= sent
+        record.bytes += sent
         if count:
             await trio.lowlevel.checkpoint()
 
