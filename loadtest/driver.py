@@ -97,6 +97,11 @@ class Scenario:
     # wrk against resizer behind nginx as deploy/nginx.conf ships it (X-Accel-Redirect).
     front: bool = False
     server_config: str = ""  # extra TOML lines for the server's [server] section
+    extra_config: str = ""  # further TOML tables for the server ([scheduling]...)
+    # Clients that keep this many long transcodes (a whole source at 1280 px, high
+    # compression, a new key each time) in flight during the load, outside its records:
+    # they saturate the ffmpeg slots while the scenario's own clients are measured.
+    background: int = 0
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,6 +159,20 @@ SCENARIOS: dict[str, Scenario] = {
         " 500 connections, one worker each, alternating 6 s slices.",
         concurrency=500, duration=18.0, sizes_mb=(10,), hit_ratio=1.0, warmup=0.0,
         latency_goals=False, calibrate=False, wrk=True, connections=(50, 500),
+    ),
+    "priority": Scenario(
+        "priority",
+        "Frames (high) arriving at 2 new keys/s while 20 long transcodes (medium) keep every"
+        " ffmpeg slot busy: the frames' time to first byte with priority scheduling.",
+        concurrency=20, duration=60.0, sizes_mb=(10,), hit_ratio=0.0, miss_rate=2.0,
+        cold_keys=0, background=20, latency_goals=False, calibrate=False,
+    ),
+    "priority-off": Scenario(
+        "priority-off",
+        "priority with [scheduling] enabled = false (first come, first served): the control.",
+        concurrency=20, duration=60.0, sizes_mb=(10,), hit_ratio=0.0, miss_rate=2.0,
+        cold_keys=0, background=20, latency_goals=False, calibrate=False,
+        extra_config="[scheduling]\nenabled = false",
     ),
     "wrk-accel": Scenario(
         "wrk-accel",
@@ -250,6 +269,7 @@ matcher = "^/media/(?P<path>.+)$"
 [[origins.sources]]
 type = "filesystem"
 root = "{MEDIA_DIR}"
+{scenario.extra_config}
 """
     )
     port = free_port()
@@ -655,9 +675,21 @@ async def run_load(
             await trio.sleep(scenario.ramp * index / scenario.concurrency)
             await role()
 
+        async def background_client() -> None:
+            # Long transcodes nobody measures: a new key each time, as long as the load.
+            source = warmed[-1].path.split("?")[0]
+            while trio.current_time() < deadline:
+                path = f"{source}?width=1280&compression=high&time={rng.randint(0, 999)}ms"
+                with trio.move_on_at(deadline):
+                    await one_request(lean, path, origin)
+
         roles = [hit_client] * hit_clients + [cold_client] * cold_clients
         rng.shuffle(roles)
         async with trio.open_nursery() as nursery:
+            for _ in range(scenario.background):
+                nursery.start_soon(background_client)
+            if scenario.background:
+                await trio.sleep(2.0)  # the slots fill and the queue forms first
             for index, role in enumerate(roles):
                 nursery.start_soon(arriving, role, index)
         elapsed = trio.current_time() - origin
@@ -1175,6 +1207,8 @@ def run_scenario(scenario: Scenario, out_dir: Path, seed: int = 20261127) -> Pat
             "calibrate": scenario.calibrate,
             "connections": list(scenario.connections),
             "server_config": scenario.server_config,
+            "extra_config": scenario.extra_config,
+            "background": scenario.background,
             # Server settings overridden from the environment for this run (RESIZER_*).
             "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RESIZER_")},
             **scenario.params,

@@ -259,6 +259,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "max_rss_mb": params.get("max_rss_mb"),
             "latency_goals": params.get("latency_goals", True),
             "storm": params.get("storm", False),
+            "hit_ratio": params.get("hit_ratio"),
             # MISS and COALESCED together: every request that waited for a transform.
             "misses": latency_stats(
                 [r for r in requests if is_success(r) and r.get("cache") in MISS_STATUSES]
@@ -440,8 +441,9 @@ def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
         )
 
     after_warmup = summary.get("hit_rate_after_warmup")
-    # A storm asks for one uncached key on purpose: its hit rate says nothing.
-    if after_warmup is not None and not summary.get("storm"):
+    # A storm asks for one uncached key on purpose, and clients that ask only for new keys
+    # (hit_ratio 0) never hit: their hit rate says nothing.
+    if after_warmup is not None and not summary.get("storm") and summary.get("hit_ratio") != 0:
         checks.append(
             (
                 "hit rate > 80 % after warm-up",

@@ -194,6 +194,9 @@ class SchedulingConfig:
     # Slots one client address may hold with medium and low runs; 0: no limit (behind a
     # proxy every client has the proxy's address).
     max_per_client: int = 0
+    # Slots only high runs may take (runs are never preempted: without it, a frame waits
+    # for a long transcode to end); at most all slots but one.
+    reserved_high: int = 1
 
 
 @dataclass(frozen=True)
@@ -664,7 +667,7 @@ def _check(config: Config, problems: _Problems) -> None:
             problems.add("scheduling", f"unknown kind of run {kind!r}; known: {known}")
     if both := set(scheduling.high) & set(scheduling.low):
         problems.add("scheduling", f"{', '.join(sorted(both))} cannot be both high and low")
-    for name in ("max_queue", "max_per_source", "max_per_client"):
+    for name in ("max_queue", "max_per_source", "max_per_client", "reserved_high"):
         if getattr(scheduling, name) < 0:
             problems.add(f"scheduling.{name}", "must be 0 or more")
     if scheduling.aging < 0:

@@ -106,6 +106,38 @@ def test_one_source_cannot_take_every_slot_but_high_runs_pass() -> None:
     assert [t.id for t in queue.grant(4.0)] == [2]
 
 
+def test_the_reserved_slot_is_for_high_runs_only() -> None:
+    """reserved_high 1 of 2 slots: a second medium run waits by a free slot, which a high
+    run then takes at once; a medium promoted by a high joiner may take it too."""
+    queue = SlotQueue(Rules(slots=2, aging=0, reserved_high=1))
+    queue.submit(ticket(1, MEDIUM, source="a"), 0.0)
+    queue.submit(ticket(2, MEDIUM, source="b"), 0.0)
+    assert [t.id for t in queue.grant(0.0)] == [1]
+    queue.submit(ticket(3, HIGH, source="c"), 1.0)
+    assert [t.id for t in queue.grant(1.0)] == [3]
+    queue.withdraw(3)
+    assert queue.grant(2.0) == []
+    queue.promote(2, HIGH, 2.0)  # a high client joined its Work
+    assert [t.id for t in queue.grant(2.0)] == [2]
+
+
+def test_aged_runs_get_neither_the_reserve_nor_the_frames_turn() -> None:
+    """Under sustained load transcodes age to high, yet they still respect the reserve and
+    the shares, and a frame arriving later goes before them."""
+    queue = SlotQueue(Rules(slots=2, aging=10, reserved_high=1))
+    queue.submit(ticket(1, MEDIUM), 0.0)
+    queue.grant(0.0)
+    queue.submit(ticket(2, MEDIUM), 0.0)
+    assert queue.waiting[2].effective(30.0, 10) is HIGH
+    assert queue.grant(30.0) == []  # the free slot is the reserved one
+    queue.submit(ticket(3, HIGH), 31.0)
+    queue.submit(ticket(4, HIGH), 32.0)
+    queue.withdraw(1)
+    assert [t.id for t in queue.grant(33.0)] == [3, 4]  # frames first, aged transcode after
+    queue.withdraw(3)
+    assert [t.id for t in queue.grant(34.0)] == [2]
+
+
 def test_one_client_cannot_take_every_slot() -> None:
     """max_per_client: the same limit by the asking client's address."""
     queue = SlotQueue(Rules(slots=2, aging=0, max_per_client=1))
@@ -157,14 +189,18 @@ operations = st.lists(
     slots=st.integers(1, 3),
     share=st.integers(0, 2),
     max_queue=st.integers(1, 4),
+    reserve=st.integers(0, 2),
 )
 def test_invariants_under_any_sequence(
-    ops: list[tuple[str, int, Priority, str]], slots: int, share: int, max_queue: int
+    ops: list[tuple[str, int, Priority, str]], slots: int, share: int, max_queue: int, reserve: int
 ) -> None:
     """Never more running than slots; a ticket is waiting or running, not both; after each
     grant no waiting ticket could have taken a free slot (nothing idles needlessly); each
     class holds at most max_queue waiting tickets of that class when they arrived."""
-    rules = Rules(slots=slots, aging=5, max_queue=max_queue, max_per_source=share)
+    reserve = min(reserve, slots - 1)
+    rules = Rules(
+        slots=slots, aging=5, max_queue=max_queue, max_per_source=share, reserved_high=reserve
+    )
     queue = SlotQueue(rules)
     now = 0.0
     for op, id, priority, source in ops:
@@ -187,9 +223,9 @@ def test_invariants_under_any_sequence(
         assert len(queue.running) <= slots
         assert not set(queue.waiting) & set(queue.running)
         if len(queue.running) < slots:
+            long_runs = [t for t in queue.running.values() if t.priority is not Priority.HIGH]
             for waiting in queue.waiting.values():
-                held = sum(1 for t in queue.running.values() if t.source == waiting.source)
-                high = waiting.effective(now, rules.aging) is Priority.HIGH
-                assert share, "a grantable ticket waits"
-                assert held >= share, "a grantable ticket waits"
-                assert not high, "a grantable ticket waits"
+                assert waiting.priority is not Priority.HIGH, "a high ticket waits by a free slot"
+                held = sum(1 for t in long_runs if t.source == waiting.source)
+                reserved = len(long_runs) >= slots - reserve
+                assert reserved or (share and held >= share), "a grantable ticket waits"

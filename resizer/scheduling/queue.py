@@ -3,11 +3,16 @@
 Every ffmpeg run (transform or probe) holds one of ``slots`` while it runs. Runs that find no
 slot wait here, ordered by class (high, medium, low), then by arrival. A waiting run is
 promoted one class per ``aging`` it has waited, so a low run never starves behind a stream
-of high ones; a joiner of a higher class promotes it at once (priority inheritance). No
-source and no client may hold more than its share of the slots with medium and low runs (the
-long ones), so one of them cannot take them all; high runs are short and someone waits for
-each, so they are never held back by a share. A class whose queue is full refuses new runs
-(the caller answers 503).
+of medium ones; a joiner of a higher class promotes it at once (priority inheritance).
+
+Runs are not preempted, so a slot taken by a long transcode is gone for minutes. Hence what
+aging cannot buy: ``reserved_high`` slots only high runs (frames, segments, probes someone
+waits for, or runs a high client joined) may take, and shares: no source and no client may
+hold more than its share of the slots with medium and low runs, so one of them cannot take
+them all. Both go by a run's own class, never by its aged one: under sustained load every
+waiting transcode ages to high, and the reserve would be theirs. For the same reason, among
+runs that are high now, those high by their own class go first; otherwise the oldest first.
+A class whose queue is full refuses new runs (the caller answers 503).
 
 The in-process scheduler (``local.py``) and the machine-wide coordinator
 (``coordinator.py``) both drive this one object; times are whatever clock they pass in.
@@ -60,6 +65,8 @@ class Rules:
     # 0: no limit.
     max_per_source: int = 0
     max_per_client: int = 0
+    # Slots medium and low runs never take: a frame never waits for a long transcode.
+    reserved_high: int = 0
     ordered: bool = True  # False: first come, first served, classes ignored
 
 
@@ -171,19 +178,31 @@ class SlotQueue:
     def _in_order(self, now: float) -> list[Ticket]:
         tickets = list(self.waiting.values())  # arrival order: the tie-break
         if self.rules.ordered:
-            tickets.sort(key=lambda t: (t.effective(now, self.rules.aging), t.queued_at))
+            aging = self.rules.aging
+            # Among runs high now, those high by their own class first (frames before aged
+            # transcodes); otherwise the oldest: aging lets low overtake newer medium runs.
+            tickets.sort(
+                key=lambda t: (
+                    t.effective(now, aging),
+                    t.priority is not Priority.HIGH,
+                    t.queued_at,
+                )
+            )
         return tickets
 
     def _within_share(self, ticket: Ticket, now: float) -> bool:
         rules = self.rules
-        if rules.ordered and ticket.effective(now, rules.aging) is Priority.HIGH:
+        if not rules.ordered or ticket.priority is Priority.HIGH:
             return True
+        long_runs = [t for t in self.running.values() if t.priority is not Priority.HIGH]
+        if len(long_runs) >= rules.slots - rules.reserved_high:
+            return False
         if rules.max_per_source and ticket.source:
-            held = sum(1 for t in self.running.values() if t.source == ticket.source)
+            held = sum(1 for t in long_runs if t.source == ticket.source)
             if held >= rules.max_per_source:
                 return False
         if rules.max_per_client and ticket.client:
-            held = sum(1 for t in self.running.values() if t.client == ticket.client)
+            held = sum(1 for t in long_runs if t.client == ticket.client)
             if held >= rules.max_per_client:
                 return False
         return True

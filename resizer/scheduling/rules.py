@@ -55,6 +55,7 @@ def rules_from_config(config: Config) -> Rules:
         # Every slot but one by default: one source cannot take them all.
         max_per_source=scheduling.max_per_source or max(1, slots - 1),
         max_per_client=scheduling.max_per_client,
+        reserved_high=min(scheduling.reserved_high, slots - 1),
         ordered=scheduling.enabled,
     )
 
