@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from ..log import info_enabled
 from ..metrics import Metrics
 from ..transform.runner import FfmpegTransformer
 
@@ -136,14 +137,19 @@ def route_of(method: str, path: str) -> str:
 
 
 def open_record(
-    method: str, path: str, query: str, request_id: str, started: float
+    method: str,
+    path: str,
+    query: str,
+    request_id: str,
+    started: float,
+    route: str | None = None,  # known already (the hit layer's: media)
 ) -> RequestRecord:
     return RequestRecord(
         method=method,
         path=path,
         query=query,
         request_id=request_id,
-        route=route_of(method, path),
+        route=route or route_of(method, path),
         started=started,
     )
 
@@ -171,6 +177,8 @@ def finish(record: RequestRecord, metrics: Metrics | None, now: float) -> None:
             duration=record.duration,
             body_bytes=record.bytes,
         )
+    if not info_enabled():
+        return
     log.info(
         "access",
         method=record.method,

@@ -102,6 +102,8 @@ class _Route:
 
     key: str
     fields: bytes  # negotiation and CORS fields, encoded, each ending in CRLF
+    path: str  # decoded, and the raw query: for the access log
+    query: str
 
 
 class ZeroCopyHits:
@@ -196,7 +198,8 @@ class ZeroCopyHits:
                 encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields.items()]
                 if self.cors.enabled:
                     encoded = response_headers(self.cors, origin, encoded)
-                route = _Route(cache_key(target.source, choice.options), _fields(encoded))
+                key = cache_key(target.source, choice.options)
+                route = _Route(key, _fields(encoded), path, query.decode("ascii"))
         self._routes[memo] = route
         if len(self._routes) > _ROUTES_KEPT:
             self._routes.popitem(last=False)
@@ -264,13 +267,8 @@ class ZeroCopyHits:
         metrics.count_request(request.method, status)
         if request.method == "HEAD" or span is None or not span.length:
             span = None
-        raw_path, _, query = request.target.partition(b"?")
         record = open_record(
-            request.method,
-            unquote(raw_path.decode("ascii")),
-            query.decode("ascii"),
-            request_id,
-            started,
+            request.method, route.path, route.query, request_id, started, route="media"
         )
         record.status, record.cache_status, record.lookup = status, "HIT", looked_up
         if entry.source:
