@@ -102,6 +102,13 @@ class CacheConfig:
     # Downloaded remote sources kept for further variants (least recently used evicted
     # first; files being read are never evicted); 0: download for every transformation.
     source_files_size: ByteSize = ByteSize(1 * GiB)
+    # Bound of the disk cache's entries (and partial files being written): least recently
+    # used entries are evicted beyond it (cache/eviction.py); 0: half of the free space of
+    # the cache folder's filesystem plus what the cache holds, measured at start-up.
+    max_size: ByteSize = ByteSize(0)
+    # How often a worker sweeps the folder (expired entries, then LRU beyond max_size);
+    # commits that push the cache over max_size start a sweep at once.
+    sweep_interval: Duration = Duration(30 * SECONDS)
 
 
 @dataclass(frozen=True)
@@ -268,6 +275,41 @@ class AdminConfig:
     token_env: str = ""
 
 
+@dataclass(frozen=True)
+class ClusterS3Config:
+    """[cluster.s3]: the shared result store (resizer/cluster/s3store.py); bucket "": none."""
+
+    bucket: str = ""
+    # Prepended to every object name (manifests/..., data/...), e.g. "resizer/".
+    prefix: str = "resizer/"
+    region: str = "us-east-1"
+    endpoint_url: str = ""  # S3-compatible stores (MinIO, Ceph, R2); empty: AWS
+    access_key_id: str = ""  # empty: $AWS_ACCESS_KEY_ID (as for s3 sources)
+    secret_access_key: str = ""  # empty: $AWS_SECRET_ACCESS_KEY
+    # Parts uploaded at once per output; the producer waits while all are busy.
+    upload_concurrency: int = 5
+    # Multipart part size: at least 5 MiB (S3's minimum for every part but the last).
+    part_size: ByteSize = ByteSize(8 * MiB)
+    # Ranged GETs in flight ahead of the reader.
+    read_ahead: int = 3
+    connect_timeout: Duration = Duration(5 * SECONDS)
+    # One request, body included (an 8 MiB part upload or download).
+    request_timeout: Duration = Duration(60 * SECONDS)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: several instances sharing results ([cluster.s3])."""
+
+    s3: ClusterS3Config = field(default_factory=ClusterS3Config)
+    # Leases (one transcode per key) and purges between instances (resizer/cluster/leases.py):
+    # redis://, rediss:// (TLS), or redis+cluster:// / rediss+cluster:// (a Cluster's seed
+    # node); "": none (each instance alone).
+    redis_url: str = ""
+    # A leader that stops renewing its lease loses it after this long (renewed every third).
+    lease_ttl: Duration = Duration(10 * SECONDS)
+
+
 TTL_CLASSES = ("ok", "redirects", "client_error", "server_error")
 
 
@@ -295,6 +337,7 @@ class Config:
     hls: HlsConfig = field(default_factory=HlsConfig)
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     derivatives: dict[str, dict[str, str]] = field(
         default_factory=lambda: dict(DEFAULT_DERIVATIVES)
     )
@@ -340,6 +383,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "hls": HlsConfig,
     "scheduling": SchedulingConfig,
     "admin": AdminConfig,
+    "cluster": ClusterConfig,
 }
 
 # Shipped presets; [derivatives.<name>] tables add to or replace them.
@@ -484,6 +528,12 @@ def _build(
             )
             if no_default:
                 problems.add(f"{prefix}{name}", "required key is missing")
+            continue
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # e.g. [cluster.s3]
+            if not isinstance(value, dict):
+                problems.add(f"{prefix}{name}", "must be a table")
+                continue
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.", problems, env) or hint()
             continue
         try:
             kwargs[name] = _convert(value, hint, from_env=from_env)
@@ -697,16 +747,55 @@ def _check(config: Config, problems: _Problems) -> None:
             problems.add(f"limits.{key}", f"{value} must lie within {MIN_DIMENSION}-8192")
     if config.cache.read_chunk < 4 * KiB:
         problems.add("cache.read_chunk", "must be at least 4KiB")
+    if 0 < config.cache.max_size < 1 * MiB:
+        problems.add("cache.max_size", "must be 0 (auto) or at least 1MiB")
+    if config.cache.sweep_interval < 100 * MILLISECONDS:
+        problems.add("cache.sweep_interval", "must be at least 100ms")
     if config.transform.timeout <= 0:
         problems.add("transform.timeout", "must be positive")
     if not config.origins:
         problems.add("origins", "at least one [[origins]] table is required")
     _check_cors_origins(config.http.cors_allow_origins, problems)
+    _check_cluster_s3(config.cluster.s3, problems)
+    _check_cluster_redis(config.cluster, problems)
     for entry in config.security.allowed_remote_hosts:
         try:
             split_host_port(entry)
         except ValueError as exc:
             problems.add("security.allowed_remote_hosts", str(exc))
+
+
+def _check_cluster_s3(s3: ClusterS3Config, problems: _Problems) -> None:
+    if not 5 * MiB <= s3.part_size <= 5 * GiB:
+        problems.add("cluster.s3.part_size", "must lie within 5MiB-5GiB (S3's part sizes)")
+    if not 1 <= s3.upload_concurrency <= 64:
+        problems.add("cluster.s3.upload_concurrency", "must lie within 1-64")
+    if not 1 <= s3.read_ahead <= 64:
+        problems.add("cluster.s3.read_ahead", "must lie within 1-64")
+    if s3.endpoint_url and not re.match(r"^https?://[^/?#]+/?$", s3.endpoint_url):
+        problems.add("cluster.s3.endpoint_url", "must be an http(s) URL without a path")
+    if not s3.region or "/" in s3.region:
+        problems.add("cluster.s3.region", "must be a region name such as us-east-1")
+    if s3.prefix.startswith("/"):
+        problems.add("cluster.s3.prefix", 'must not start with "/"')
+    if bool(s3.access_key_id) != bool(s3.secret_access_key):
+        problems.add("cluster.s3", "set both access_key_id and secret_access_key, or neither")
+    for key in ("connect_timeout", "request_timeout"):
+        if getattr(s3, key) <= 0:
+            problems.add(f"cluster.s3.{key}", "must be positive")
+
+
+_REDIS_URL_RE = re.compile(r"rediss?(\+cluster)?://[^/?#\s]+(/\d*)?(\?\S*)?")
+
+
+def _check_cluster_redis(cluster: ClusterConfig, problems: _Problems) -> None:
+    if cluster.redis_url and not _REDIS_URL_RE.fullmatch(cluster.redis_url):
+        problems.add(
+            "cluster.redis_url",
+            "must be redis://, rediss://, redis+cluster:// or rediss+cluster://host[:port][/db]",
+        )
+    if cluster.lease_ttl < 0.1:
+        problems.add("cluster.lease_ttl", "must be at least 100ms")
 
 
 # An nginx location prefix: segments of URL-safe characters (not "." or ".."), "/" at both ends.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ ROUTES = frozenset({"media", "health", "metrics", "admin", "other"})
 QUEUE_CLASSES = ("high", "medium", "low")
 FFMPEG_MODES = frozenset({"probe", "video", "frame", "spritesheet", "audio", "hls"})
 SOURCE_KINDS = frozenset({"filesystem", "http", "s3", "remote"})
+EVICTION_REASONS = ("expired", "size")  # why the disk cache sweep removed an entry
 NO_CACHE_STATUS = "none"  # a response without X-Cache-Status (not media, or an error)
 # X-Cache-Status values are the server's own words (HIT, MISS, COALESCED, HIT-STALE...):
 # anything else becomes "other", so a bug can never turn a label into a free-form string.
@@ -146,6 +147,43 @@ class Metrics:
             "Works that tailed the output another process was producing (shared disk cache)",
             registry=r,
         )
+        self.shared_hits = Counter(
+            "resizer_shared_hits",
+            "Local misses served from the shared store ([cluster.s3]), filling the local cache",
+            registry=r,
+        )
+        self.shared_store_errors = Counter(
+            "resizer_shared_store_errors",
+            "Shared store lookups, uploads and reads that failed or timed out (served anyway)",
+            registry=r,
+        )
+        self.cluster_degraded = Counter(
+            "resizer_cluster_degraded",
+            "Lease acquisitions and purge broadcasts done local only: Redis was unreachable",
+            registry=r,
+        )
+        # Measured by the disk cache's eviction sweep (cache/eviction.py), machine-wide: every
+        # worker reports the one folder they share (the latest of their sweeps).
+        self.cache_bytes = Gauge(
+            "resizer_cache_bytes",
+            "Bytes of the disk cache's published entries, as of the last sweep",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.cache_entries = Gauge(
+            "resizer_cache_entries",
+            "Published entries in the disk cache, as of the last sweep",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.cache_evictions = Counter(
+            "resizer_cache_evictions",
+            "Disk cache entries removed by the sweep",
+            ["reason"],
+            registry=r,
+        )
+        for reason in EVICTION_REASONS:
+            self.cache_evictions.labels(reason)
         self.coalesced = Counter(
             "resizer_coalesced", "Requests that attached to in-flight work", registry=r
         )
@@ -227,6 +265,16 @@ class Metrics:
             ttfb_series.observe(ttfb)
         if body_bytes:
             bytes_series.inc(body_bytes)
+
+    def cache_swept(self, size: int, entries: int, evicted: Mapping[str, int]) -> None:
+        """A sweep measured the disk cache (``size`` bytes in ``entries`` entries, after it)
+        and removed ``evicted[reason]`` entries (reasons: expired, size)."""
+        self.cache_bytes.set(size)
+        self.cache_entries.set(entries)
+        for reason, count in evicted.items():
+            if count:
+                label = reason if reason in EVICTION_REASONS else "other"
+                self.cache_evictions.labels(label).inc(count)
 
     def observe_queue_wait(self, klass: str, seconds: float) -> None:
         """A run left the scheduler's queue of ``klass`` (high, medium, low) after ``seconds``."""

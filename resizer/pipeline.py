@@ -7,6 +7,7 @@ in-flight works, metrics) and the nursery that in-flight works run in. The web l
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,10 +18,14 @@ import trio
 
 from .cache.base import CacheStore, EntryMeta, PublishedSpool
 from .cache.disk import DiskCacheStore, DiskSpoolReader, DiskWriter
+from .cache.eviction import Sweeper
 from .cache.failures import FailureCache
 from .cache.leases import Follow, FollowLost, Lead, LeaseBoard
 from .cache.memory import MemoryCacheStore
 from .cache.sources import SourceFileCache
+from .cluster.s3store import make_store_client, s3_store
+from .cluster.store import SharedStoreError
+from .cluster.tier import SharedTier, WriteThrough, remaining_ttl
 from .concurrency.budget import AdaptiveChunks, ByteBudget, LoopLag
 from .concurrency.coalescing import Subscription, Work, WorkRegistry
 from .concurrency.groups import unwrap_single_exception
@@ -95,6 +100,7 @@ class Service:
         remote: HttpSource | None = None,
         listening: ListeningAddresses | None = None,
         scheduler: Scheduler | None = None,
+        shared: SharedTier | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
@@ -114,6 +120,9 @@ class Service:
         self.origin_limiter = trio.CapacityLimiter(limits.max_concurrent_origins)
         # Every ffmpeg run (probes included) holds one of the machine's slots.
         self.classes = classes_from_config(config)
+        # The shared result store ([cluster.s3]): written through, read on a local miss.
+        self.shared = shared
+        self.sweeper: Sweeper | None = None  # a disk cache's eviction (open_service)
         # Told of each grant in the task that waited (the web layer notes it in the record
         # of the request that started the Work: its access log line and Server-Timing).
         self.on_slot_granted: Callable[[Claim], None] | None = None
@@ -309,6 +318,8 @@ class Service:
             if self.leases is None:
                 if await self.finish_from_cache(work, job.key):
                     return
+                if await self.finish_from_shared(work, job):
+                    return
                 async with self.origin_slot():
                     await self._fetch_transform_spool(work, job)
                 return
@@ -334,6 +345,8 @@ class Service:
         """Produce ``job`` holding its cross-process lease; others may tail the output."""
         # The previous leader may have published just before we took the lease.
         if await self.finish_from_cache(work, job.key):
+            return
+        if await self.finish_from_shared(work, job):
             return
         with unwrap_single_exception():
             async with self.origin_slot(), trio.open_nursery() as nursery:
@@ -364,6 +377,41 @@ class Service:
         work.spool_from(spool)
         work.advance(entry.size)
         work.finish(entry)
+        return True
+
+    async def finish_from_shared(self, work: Work, job: Job) -> bool:
+        """Serve ``work`` from the shared store, filling the local cache once (True), if
+        the store has the entry; False on a shared miss, or when the store fails before any
+        byte went out (the caller transcodes then)."""
+        if self.shared is None:
+            return False
+        shared = await self.shared.lookup(job.key)
+        if shared is None:
+            return False
+        meta = shared.meta
+        try:
+            async with self.cache.open_writer(
+                job.key,
+                content_type=meta.content_type,
+                ttl=remaining_ttl(meta, time.time()),
+                options=meta.options,
+                source=meta.source,
+            ) as writer:
+                work.spool_into(writer)
+                work.tier = "shared"
+                async with self.shared.store.read(shared, 0, shared.size) as chunks:
+                    async for data in chunks:
+                        await writer.write(data)
+                        work.advance(writer.bytes_written)
+                entry = await writer.commit()
+        except SharedStoreError as exc:
+            if work.current.produced:
+                raise TransformFailed(f"the shared store failed mid-entry: {exc}") from exc
+            log.warning("shared store read failed; transcoding", key=job.key, error=exc.message)
+            work.tier = None
+            return False
+        work.finish(entry)
+        self.metrics.shared_hits.inc()
         return True
 
     async def _abandon_when_unfollowed(self, work: Work) -> None:
@@ -477,6 +525,26 @@ class Service:
             yield local.path, local.size
 
     async def _fetch_transform_spool(self, work: Work, job: Job, lead: Lead | None = None) -> None:
+        async with self.open_write_through(job.key) as through:
+            entry = await self._transform_into_cache(work, job, through, lead)
+            work.finish(entry)  # its clients are done; the shared upload completes below
+            await through.commit(entry)
+        log.info("work done", key=job.key, size=entry.size, shared=through.committed)
+
+    @asynccontextmanager
+    async def open_write_through(self, key: str) -> AsyncIterator[WriteThrough]:
+        """The shared store's upload of ``key`` (a no-op without a shared store)."""
+        if self.shared is None:
+            yield WriteThrough()
+            return
+        async with self.shared.write_through(key) as through:
+            yield through
+
+    async def _transform_into_cache(
+        self, work: Work, job: Job, through: WriteThrough, lead: Lead | None
+    ) -> EntryMeta:
+        """Fetch, probe, transform (or compute a text output) into the local cache and
+        through to the shared store; the committed local entry."""
         chunk = self.config.cache.read_chunk
         async with (
             self.cache.open_writer(
@@ -501,9 +569,9 @@ class Service:
             if text is not None:
                 # A thumbnail track or a playlist is text computed from the probe: no ffmpeg.
                 await writer.write(text.encode())
+                await through.write(text.encode())
                 work.advance(writer.bytes_written)
-                work.finish(await writer.commit())
-                return
+                return await writer.commit()
             async with self.run_slot(work, job):
                 self.metrics.transforms.inc()
                 self.metrics.transforms_running.inc()
@@ -512,13 +580,12 @@ class Service:
                         while data := await out.receive_some(chunk):
                             await writer.write(data)
                             work.advance(writer.bytes_written)
+                            await through.write(data)  # waits while its parts are all busy
                 finally:
                     self.metrics.transforms_running.dec()
             if writer.bytes_written == 0:
                 raise TransformFailed("ffmpeg succeeded but produced no output")
-            entry = await writer.commit()
-        work.finish(entry)
-        log.info("work done", key=job.key, size=entry.size)
+            return await writer.commit()
 
     def _text_from_probe(self, job: Job, info: MediaInfo) -> str | None:
         """The output of ``job`` when it is a document about the source, else None."""
@@ -548,6 +615,7 @@ async def open_service(
     cache: CacheStore | None = None,
     transformer: Transformer | None = None,
     origins: Origins | None = None,
+    shared: SharedTier | None = None,
 ) -> AsyncIterator[Service]:
     """Build the service and run its nursery for the duration of the block.
 
@@ -566,6 +634,7 @@ async def open_service(
     spill_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     async with (
+        AsyncExitStack() as stack,  # the shared store's client, when there is one
         make_http_client(connect_timeout=5 * SECONDS) as client,
         trio.open_nursery() as services,  # long-lived helpers (the range proxy)
         trio.open_nursery() as nursery,  # in-flight works only
@@ -581,6 +650,12 @@ async def open_service(
             )
         metrics.track_breakers(origins.breakers)
         security = config.security
+        if shared is None and config.cluster.s3.bucket:
+            store_client = await stack.enter_async_context(make_store_client(config.cluster.s3))
+            store = s3_store(config.cluster.s3, store_client, os.environ)
+            shared = SharedTier(store)
+        if shared is not None and shared.errors is None:
+            shared.errors = metrics.shared_store_errors
         registry = WorkRegistry(
             nursery,
             finish_without_clients=config.coalescing.finish_without_clients,
@@ -601,6 +676,7 @@ async def open_service(
                 redirect_hosts=frozenset(security.allowed_remote_hosts),
             ),
             listening=listening,
+            shared=shared,
         )
         registry.on_unattended = service._unattended
         await services.start(service.scheduler.serve)
@@ -608,6 +684,9 @@ async def open_service(
         await services.start(service.hls.serve)
         await services.start(service.loop_lag.serve)
         await services.start(service.heap_trimmer.serve)
+        if service.disk is not None:  # bounded by [cache] max_size (cache/eviction.py)
+            service.sweeper = Sweeper.from_config(config, service.disk, metrics)
+            await services.start(service.sweeper.serve)
         yield service
         # Leaving the block ends every in-flight work (shutdown): their cleanup is shielded.
         nursery.cancel_scope.cancel()

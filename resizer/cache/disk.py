@@ -22,6 +22,9 @@ Naming data files by content hash means metadata can only point at the bytes it 
 deleted it raises ``KeyError`` instead of silently serving other bytes. A reader that already
 opened a data file keeps reading it after a concurrent overwrite or delete (POSIX unlink).
 
+Hits record their use in the data file's atime (``_mark_used``), for the least-recently-used
+eviction that ``eviction.Sweeper`` runs over the folder; ``on_publish`` tells it of commits.
+
 Errors: lookups never raise for filesystem problems (logged, treated as a miss); opening a
 writer, writing, committing and deleting let ``OSError`` propagate, because a cache that cannot
 write is an operational problem the caller must see rather than a client error.
@@ -75,6 +78,8 @@ _DATA_SUFFIX = ".data"
 _ETAG_RE = re.compile(r'"([0-9a-f]+)"')
 # Entries recall() can answer from memory (about 0.5 KiB each).
 _RECENT_ENTRIES = 2048
+# A hit records its use (for LRU eviction) at most this often per entry.
+TOUCH_INTERVAL = 1 * SECONDS
 
 
 class _AsyncBinaryWriter(Protocol):
@@ -158,6 +163,14 @@ class DiskCacheStore:
         # LRU bounded to a few hundred KiB. Written from worker threads (dict operations are
         # atomic under the GIL; a lost race only costs a later thread round trip).
         self._recent: OrderedDict[str, tuple[tuple[int, ...], EntryMeta]] = OrderedDict()
+        # Recency for the LRU eviction every process on the folder shares (eviction.py): a
+        # hit sets its data file's atime to now (mtime kept), at most once per
+        # ``touch_interval`` per entry (digest -> monotonic time of the next touch). The
+        # metadata file is never touched: recall() identifies it by its stat.
+        self.touch_interval = TOUCH_INTERVAL
+        self._next_touch: dict[str, float] = {}
+        # Told of every entry this process publishes (the eviction sweep's size estimate).
+        self.on_publish: Callable[[EntryMeta], None] | None = None
 
     def prepare(self) -> int:
         """Create the folders and remove what a crash left behind; returns the files removed.
@@ -232,7 +245,22 @@ class DiskCacheStore:
             return None
         with contextlib.suppress(KeyError):  # a worker thread trimmed it meanwhile
             self._recent.move_to_end(digest)
+        if self._next_touch.get(digest, 0.0) <= time.monotonic():
+            self._mark_used(digest, meta)
         return meta
+
+    def _mark_used(self, digest: str, meta: EntryMeta) -> None:
+        """Record a use of the entry for LRU eviction (any thread; a lost race only costs a
+        second touch)."""
+        if len(self._next_touch) > 4 * _RECENT_ENTRIES:
+            self._next_touch.clear()
+        self._next_touch[digest] = time.monotonic() + self.touch_interval
+        name = _data_name(digest, meta.etag)
+        if name is None:
+            return
+        path = f"{self._entries_prefix}{digest[:2]}{os.sep}{name}"
+        with contextlib.suppress(OSError):  # evicted or replaced meanwhile
+            os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
 
     async def lookup(self, key: str) -> EntryMeta | None:
         # In a thread: a cold entry means reading files, and a slow disk would stall every
@@ -354,6 +382,8 @@ class DiskCacheStore:
             self._unpublish_if_unchanged(digest, raw, reason="torn")
             return None
         self._remember(digest, identity, stored.meta)
+        if self._next_touch.get(digest, 0.0) <= time.monotonic():
+            self._mark_used(digest, stored.meta)
         return stored.meta
 
     def _remember(self, digest: str, identity: tuple[int, ...], meta: EntryMeta) -> None:
@@ -618,6 +648,8 @@ class DiskWriter:
             if lease is not None:
                 lease.release()
         self._finished = "committed"
+        if self._store.on_publish is not None:
+            self._store.on_publish(meta)
         return meta
 
     async def discard(self) -> None:

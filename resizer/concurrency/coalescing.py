@@ -80,6 +80,8 @@ class Work:
         # (priority inheritance); who asked first; the claims its runs hold or wait on; and
         # how long its runs waited for slots in all.
         self.priority = Priority.MEDIUM
+        # "shared": its output comes from the shared store (X-Cache-Status: HIT-SHARED).
+        self.tier: str | None = None
         self.client = ""
         self.claims: set[Claim] = set()
         self.queued_seconds = 0.0

@@ -195,6 +195,8 @@ async def answer_media(
             release_on_exchange_end(subscription.detach)
             await subscription.wait_first_bytes()
             status = "COALESCED" if subscription.joined else "MISS"
+            if subscription.work.tier == "shared":
+                status = "HIT-SHARED"  # a local miss filled from the shared store
             spec = None
             if if_range_allows(conditions.get("if-range"), None, None):
                 spec = parse_range_spec(conditions.get("range"))

@@ -14,6 +14,7 @@ command -v npm >/dev/null || missing+=(npm)
 # /usr/sbin is not on every user's PATH.
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 command -v wrk >/dev/null || missing+=(wrk)  # tests/test_zerocopy.py measures a stall with it
+command -v redis-server >/dev/null || missing+=(redis-server)  # tests/test_cluster_leases.py
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

@@ -1,0 +1,200 @@
+"""The shared store as a second tier (resizer/cluster/tier.py): write-through, shared hits,
+and a store that fails never failing a request."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from resizer.cache.disk import DiskCacheStore
+from resizer.cluster.memstore import MemoryBackend
+from resizer.cluster.store import ObjectStore, SharedStoreError
+from resizer.cluster.tier import SharedTier
+from resizer.options import cache_key, parse_options
+from resizer.pipeline import Job, Service, open_service
+from resizer.sources.fake import FakeSource
+from resizer.transform.fake import FakeTransformer
+from tests.harness import PATH, fake_origin_config, fake_origins
+from tests.server import server_config, start_server
+from tests.test_cluster_s3 import BUCKET, Moto, moto  # noqa: F401 - the fixture
+
+OPTIONS = parse_options({"width": "320"})
+KEY = cache_key(PATH, OPTIONS)
+PART = 4_096
+
+
+class FailingBackend(MemoryBackend):
+    """A store whose uploads (or lookups) fail, as S3 down would."""
+
+    def __init__(self, *, fail_uploads: bool = False, fail_lookups: bool = False) -> None:
+        super().__init__()
+        self.fail_uploads, self.fail_lookups = fail_uploads, fail_lookups
+
+    async def upload_part(
+        self, name: str, upload_id: str, number: int, data: bytes, sha256: str
+    ) -> str:
+        if self.fail_uploads:
+            raise SharedStoreError("S3 is down")
+        return await super().upload_part(name, upload_id, number, data, sha256)
+
+    async def put_object(self, name: str, data: bytes, sha256: str, content_type: str) -> str:
+        if self.fail_uploads:
+            raise SharedStoreError("S3 is down")
+        return await super().put_object(name, data, sha256, content_type)
+
+    async def get_object(self, name: str) -> bytes | None:
+        if self.fail_lookups:
+            raise SharedStoreError("S3 is down")
+        return await super().get_object(name)
+
+
+def shared_store(backend: MemoryBackend) -> ObjectStore:
+    return ObjectStore(backend, prefix="t/", part_size=PART, upload_concurrency=2)
+
+
+@asynccontextmanager
+async def instance(
+    folder: Path, store: ObjectStore, fake: FakeTransformer
+) -> AsyncIterator[Service]:
+    """One resizer instance: its own disk cache in ``folder``, the shared ``store``."""
+    cache_root = folder / "cache"
+    spill = folder / "spill"
+    spill.mkdir(parents=True, exist_ok=True)
+    source = FakeSource(spill, {"clip.mp4": b"source" * 1000})
+    cache = DiskCacheStore(cache_root)
+    cache.prepare()
+    async with open_service(
+        fake_origin_config(cache_root),
+        cache=cache,
+        transformer=fake,
+        origins=fake_origins(source),
+        shared=SharedTier(store),
+    ) as service:
+        yield service
+
+
+async def until_shared(store: ObjectStore) -> None:
+    """Poll (mock time) until the store has the test key's manifest: nothing to wait on."""
+    with trio.fail_after(60):
+        while await store.lookup(KEY) is None:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def fetch(service: Service) -> tuple[bytes, str | None]:
+    """The whole body of the test key through ``service``, and its Work's tier."""
+    job = Job(KEY, await service.origins.resolve(PATH), OPTIONS)
+    subscription = service.subscribe(job)
+    try:
+        body = b"".join([chunk async for chunk in subscription.iter_bytes()])
+        return body, subscription.work.tier
+    finally:
+        subscription.detach()
+
+
+async def test_a_transcode_is_written_through_and_another_instance_serves_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Instance A transcodes (a multi-part output reaches the store); instance B, with an
+    empty disk, serves the same bytes from the store without transcoding, fills its local
+    cache once, and its next request is a local hit."""
+    store = shared_store(MemoryBackend())
+    fake_a = FakeTransformer(size=20_000, chunk_size=1_000)
+    async with instance(tmp_path / "a", store, fake_a) as a:
+        body, tier = await fetch(a)
+        await until_shared(store)  # the upload completes just after the body
+    assert (tier, fake_a.runs_started) == (None, 1)
+    shared = await store.lookup(KEY)
+    assert shared is not None
+    assert len(shared.parts) == 5
+    fake_b = FakeTransformer(size=20_000, chunk_size=1_000)
+    async with instance(tmp_path / "b", store, fake_b) as b:
+        got, tier = await fetch(b)
+        assert (got, tier) == (body, "shared")
+        assert (fake_b.runs_started, fake_b.probes) == (0, 0)
+        local = await b.cache.lookup(KEY)
+        assert local is not None
+        assert (local.etag, local.size) == (shared.meta.etag, len(body))
+        assert b.metrics.shared_hits._value.get() == 1
+
+
+async def test_a_store_that_fails_uploads_never_fails_the_request(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """S3 down while writing through: the client gets the whole body, the local entry is
+    published, the store has nothing, the failure is counted."""
+    store = shared_store(FailingBackend(fail_uploads=True))
+    fake = FakeTransformer(size=20_000, chunk_size=1_000)
+    async with instance(tmp_path, store, fake) as service:
+        body, _ = await fetch(service)
+        with trio.fail_after(60):  # mock time: the failed upload is counted just after
+            while not service.metrics.shared_store_errors._value.get():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert body == fake.output_for(OPTIONS)
+        assert await service.cache.lookup(KEY) is not None
+    assert await shared_store(MemoryBackend()).lookup(KEY) is None
+
+
+async def test_a_store_that_fails_lookups_means_a_transcode(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """S3 down on a local miss: resizer transcodes as if there were no shared tier."""
+    store = shared_store(FailingBackend(fail_lookups=True))
+    fake = FakeTransformer(size=5_000)
+    async with instance(tmp_path, store, fake) as service:
+        body, tier = await fetch(service)
+        assert (body, tier, fake.runs_started) == (fake.output_for(OPTIONS), None, 1)
+
+
+@pytest.mark.integration
+async def test_a_restarted_instance_with_an_empty_disk_answers_from_s3(
+    moto: Moto,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two real servers on moto's S3 (signatures checked) with separate disks: the second
+    answers the first's variant as HIT-SHARED, byte-identical, with no ffmpeg run; then HIT."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto.user.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto.user.secret_access_key)
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "clip.mp4").write_bytes(b"not decoded by the fake transformer")
+    shared = f"""
+    [cluster.s3]
+    bucket = "{BUCKET}"
+    prefix = "tier-test/"
+    endpoint_url = "{moto.endpoint_url}"
+    part_size = "5MiB"
+    """
+    url = "/videos/clip.mp4?width=320"
+    first_fake = FakeTransformer(size=6_000_000, chunk_size=64_000)
+    first = await start_server(nursery, server_config(media, tmp_path / "a", shared), first_fake)
+    async with httpx.AsyncClient(timeout=60) as client:
+        made = await client.get(first.url + url)
+        assert made.headers["X-Cache-Status"] == "MISS"
+        # The upload completes just after the body: its manifest is written last.
+        tier = first.service.shared
+        assert tier is not None
+        key = cache_key("/videos/clip.mp4", OPTIONS)
+        with trio.fail_after(20):
+            while await tier.store.lookup(key) is None:  # noqa: ASYNC110 - S3: no event
+                await trio.sleep(0.05)
+        second_fake = FakeTransformer(size=6_000_000, chunk_size=64_000)
+        second = await start_server(
+            nursery, server_config(media, tmp_path / "b", shared), second_fake
+        )
+        shared_hit = await client.get(second.url + url)
+        assert shared_hit.headers["X-Cache-Status"] == "HIT-SHARED"
+        assert shared_hit.content == made.content
+        assert second_fake.runs_started == 0
+        again = await client.get(second.url + url)
+        assert again.headers["X-Cache-Status"] == "HIT"
+        # Same bytes, same validator on both instances.
+        first_hit = await client.head(first.url + url)
+        assert again.headers["ETag"] == first_hit.headers["ETag"]
