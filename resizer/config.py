@@ -796,6 +796,10 @@ def _check_cluster_redis(cluster: ClusterConfig, problems: _Problems) -> None:
         )
     if cluster.lease_ttl < 0.1:
         problems.add("cluster.lease_ttl", "must be at least 100ms")
+    if cluster.redis_url and not cluster.s3.bucket:
+        # A follower serves the leader's output from the shared store: without one it would
+        # wait for the leader and then transcode again.
+        problems.add("cluster.redis_url", "needs [cluster.s3] (followers read the leader's output)")
 
 
 # An nginx location prefix: segments of URL-safe characters (not "." or ".."), "/" at both ends.

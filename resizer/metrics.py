@@ -157,6 +157,11 @@ class Metrics:
             "Shared store lookups, uploads and reads that failed or timed out (served anyway)",
             registry=r,
         )
+        self.cluster_follows = Counter(
+            "resizer_cluster_follows",
+            "Works that waited for another instance's lease, then read its shared entry",
+            registry=r,
+        )
         self.cluster_degraded = Counter(
             "resizer_cluster_degraded",
             "Lease acquisitions and purge broadcasts done local only: Redis was unreachable",

@@ -23,6 +23,7 @@ from .cache.failures import FailureCache
 from .cache.leases import Follow, FollowLost, Lead, LeaseBoard
 from .cache.memory import MemoryCacheStore
 from .cache.sources import SourceFileCache
+from .cluster.leases import Leases, open_redis_leases
 from .cluster.s3store import make_store_client, s3_store
 from .cluster.store import SharedStoreError
 from .cluster.tier import SharedTier, WriteThrough, remaining_ttl
@@ -101,6 +102,7 @@ class Service:
         listening: ListeningAddresses | None = None,
         scheduler: Scheduler | None = None,
         shared: SharedTier | None = None,
+        cluster: Leases | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
@@ -122,6 +124,8 @@ class Service:
         self.classes = classes_from_config(config)
         # The shared result store ([cluster.s3]): written through, read on a local miss.
         self.shared = shared
+        # Leases between instances ([cluster] redis_url): one transcode per key in the cluster.
+        self.cluster = cluster
         self.sweeper: Sweeper | None = None  # a disk cache's eviction (open_service)
         # Told of each grant in the task that waited (the web layer notes it in the record
         # of the request that started the Work: its access log line and Server-Timing).
@@ -320,8 +324,7 @@ class Service:
                     return
                 if await self.finish_from_shared(work, job):
                     return
-                async with self.origin_slot():
-                    await self._fetch_transform_spool(work, job)
+                await self._transcode(work, job)
                 return
             while True:
                 # Synchronous: no cancellation between taking a lease and owning it.
@@ -349,13 +352,38 @@ class Service:
         if await self.finish_from_shared(work, job):
             return
         with unwrap_single_exception():
-            async with self.origin_slot(), trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:
                 work.followed_elsewhere = lead.followed
                 # Our clients may all leave while other processes still follow: then this
                 # watcher ends the Work once they have left too.
                 nursery.start_soon(self._abandon_when_unfollowed, work)
-                await self._fetch_transform_spool(work, job, lead)
+                await self._transcode(work, job, lead)
                 nursery.cancel_scope.cancel()
+
+    async def _transcode(self, work: Work, job: Job, lead: Lead | None = None) -> None:
+        """Produce ``job`` in this process, unless another instance of the cluster leads
+        it: then wait for it and serve the entry it published to the shared store.
+
+        Without Redis (none configured, or unreachable) this instance goes alone. A leader
+        that loses its lease (it stalled past the TTL and another took over) has its Work
+        cancelled, and its clients fail visibly (``LeaseLost``, 503).
+        """
+        cluster = self.cluster
+        while True:
+            if cluster is None:
+                async with self.origin_slot():
+                    await self._fetch_transform_spool(work, job, lead)
+                return
+            async with cluster.hold(job.key) as outcome:
+                if outcome is not None:  # our lease, or LOCAL_ONLY (Redis unreachable)
+                    async with self.origin_slot():
+                        await self._fetch_transform_spool(work, job, lead)
+                    return
+            self.metrics.cluster_follows.inc()
+            await cluster.wait_released(job.key)
+            if await self.finish_from_shared(work, job):
+                return
+            # The leader stopped without publishing (it failed, or died): lead it ourselves.
 
     async def finish_from_cache(self, work: Work, key: str) -> bool:
         """Serve ``work`` from an entry published since its clients looked (True), if any.
@@ -616,6 +644,7 @@ async def open_service(
     transformer: Transformer | None = None,
     origins: Origins | None = None,
     shared: SharedTier | None = None,
+    cluster: Leases | None = None,
 ) -> AsyncIterator[Service]:
     """Build the service and run its nursery for the duration of the block.
 
@@ -634,8 +663,9 @@ async def open_service(
     spill_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     async with (
-        AsyncExitStack() as stack,  # the shared store's client, when there is one
         make_http_client(connect_timeout=5 * SECONDS) as client,
+        # Outside the nurseries: the works that use them end before their clients close.
+        _open_cluster(config, metrics, shared, cluster) as (shared, cluster),
         trio.open_nursery() as services,  # long-lived helpers (the range proxy)
         trio.open_nursery() as nursery,  # in-flight works only
     ):
@@ -650,12 +680,6 @@ async def open_service(
             )
         metrics.track_breakers(origins.breakers)
         security = config.security
-        if shared is None and config.cluster.s3.bucket:
-            store_client = await stack.enter_async_context(make_store_client(config.cluster.s3))
-            store = s3_store(config.cluster.s3, store_client, os.environ)
-            shared = SharedTier(store)
-        if shared is not None and shared.errors is None:
-            shared.errors = metrics.shared_store_errors
         registry = WorkRegistry(
             nursery,
             finish_without_clients=config.coalescing.finish_without_clients,
@@ -677,6 +701,7 @@ async def open_service(
             ),
             listening=listening,
             shared=shared,
+            cluster=cluster,
         )
         registry.on_unattended = service._unattended
         await services.start(service.scheduler.serve)
@@ -691,3 +716,24 @@ async def open_service(
         # Leaving the block ends every in-flight work (shutdown): their cleanup is shielded.
         nursery.cancel_scope.cancel()
         services.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _open_cluster(
+    config: Config, metrics: Metrics, shared: SharedTier | None, cluster: Leases | None
+) -> AsyncIterator[tuple[SharedTier | None, Leases | None]]:
+    """The shared store and the leases ``[cluster]`` names (unless injected), open for the
+    block: their clients close when it ends."""
+    async with AsyncExitStack() as stack:
+        if shared is None and config.cluster.s3.bucket:
+            client = await stack.enter_async_context(make_store_client(config.cluster.s3))
+            shared = SharedTier(s3_store(config.cluster.s3, client, os.environ))
+        if shared is not None and shared.errors is None:
+            shared.errors = metrics.shared_store_errors
+        if cluster is None and config.cluster.redis_url:
+            cluster = await stack.enter_async_context(
+                open_redis_leases(
+                    config.cluster.redis_url, ttl=config.cluster.lease_ttl, metrics=metrics
+                )
+            )
+        yield shared, cluster

@@ -445,6 +445,10 @@ def test_cluster_config() -> None:
     assert config.cluster.redis_url == ""
     assert config.cluster.lease_ttl == 10.0
     text = '[cluster]\nredis_url = "redis+cluster://10.0.0.5:7000"\nlease_ttl = "3s"\n' + base
+    with pytest.raises(ConfigError) as alone:  # followers need the shared store
+        load_config(text=text, env={})
+    assert [key for key, _ in alone.value.problems] == ["cluster.redis_url"]
+    text = text.replace('lease_ttl = "3s"\n', 'lease_ttl = "3s"\n[cluster.s3]\nbucket = "b"\n')
     config = load_config(text=text, env={})
     assert config.cluster.redis_url == "redis+cluster://10.0.0.5:7000"
     assert config.cluster.lease_ttl == 3.0

@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from resizer.cache.disk import DiskCacheStore
+from resizer.cluster.memleases import MemoryLeaseHub, MemoryLeases
 from resizer.cluster.memstore import MemoryBackend
 from resizer.cluster.store import ObjectStore, SharedStoreError
 from resizer.cluster.tier import SharedTier
@@ -22,6 +23,7 @@ from resizer.sources.fake import FakeSource
 from resizer.transform.fake import FakeTransformer
 from tests.harness import PATH, fake_origin_config, fake_origins
 from tests.server import server_config, start_server
+from tests.test_cluster_leases import RedisServer, redis_server  # noqa: F401 - the fixture
 from tests.test_cluster_s3 import BUCKET, Moto, moto  # noqa: F401 - the fixture
 
 OPTIONS = parse_options({"width": "320"})
@@ -60,7 +62,7 @@ def shared_store(backend: MemoryBackend) -> ObjectStore:
 
 @asynccontextmanager
 async def instance(
-    folder: Path, store: ObjectStore, fake: FakeTransformer
+    folder: Path, store: ObjectStore, fake: FakeTransformer, hub: MemoryLeaseHub | None = None
 ) -> AsyncIterator[Service]:
     """One resizer instance: its own disk cache in ``folder``, the shared ``store``."""
     cache_root = folder / "cache"
@@ -75,6 +77,7 @@ async def instance(
         transformer=fake,
         origins=fake_origins(source),
         shared=SharedTier(store),
+        cluster=MemoryLeases(hub) if hub is not None else None,
     ) as service:
         yield service
 
@@ -121,6 +124,33 @@ async def test_a_transcode_is_written_through_and_another_instance_serves_it(
         assert local is not None
         assert (local.etag, local.size) == (shared.meta.etag, len(body))
         assert b.metrics.shared_hits._value.get() == 1
+
+
+async def test_twenty_identical_misses_on_two_instances_cost_one_transcode(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Ten clients on each of two instances sharing the store and the leases: one instance
+    leads and transcodes once; the other's Work waits for its lease, then serves what it
+    published. Twenty identical bodies."""
+    store, hub = shared_store(MemoryBackend()), MemoryLeaseHub()
+    fakes = [FakeTransformer(size=20_000, chunk_size=1_000, delay=0.01) for _ in range(2)]
+    bodies: list[bytes] = []
+    async with (
+        instance(tmp_path / "a", store, fakes[0], hub) as a,
+        instance(tmp_path / "b", store, fakes[1], hub) as b,
+        trio.open_nursery() as clients,
+    ):
+
+        async def client(service: Service) -> None:
+            body, _ = await fetch(service)
+            bodies.append(body)
+
+        for service in (a, b) * 10:
+            clients.start_soon(client, service)
+    assert sum(fake.runs_started for fake in fakes) == 1
+    assert bodies == [fakes[0].output_for(OPTIONS)] * 20
+    follows = [service.metrics.cluster_follows._value.get() for service in (a, b)]
+    assert sorted(follows) == [0, 1]
 
 
 async def test_a_store_that_fails_uploads_never_fails_the_request(
@@ -198,3 +228,47 @@ async def test_a_restarted_instance_with_an_empty_disk_answers_from_s3(
         # Same bytes, same validator on both instances.
         first_hit = await client.head(first.url + url)
         assert again.headers["ETag"] == first_hit.headers["ETag"]
+
+
+@pytest.mark.integration
+async def test_two_real_instances_on_redis_and_s3_transcode_once(
+    moto: Moto,  # noqa: F811 - the fixture
+    redis_server: RedisServer,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two servers with separate disks, one real redis-server, moto's S3: 20 concurrent
+    identical misses split across both cost one transcode in all, and 20 identical bodies."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto.user.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto.user.secret_access_key)
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "clip.mp4").write_bytes(b"not decoded by the fake transformer")
+    cluster = f"""
+    [cluster]
+    redis_url = "redis://127.0.0.1:{redis_server.port}"
+    lease_ttl = "2s"
+    [cluster.s3]
+    bucket = "{BUCKET}"
+    prefix = "lease-test/"
+    endpoint_url = "{moto.endpoint_url}"
+    part_size = "5MiB"
+    """
+    fakes = [FakeTransformer(size=300_000, chunk_size=10_000, delay=0.02) for _ in range(2)]
+    servers = [
+        await start_server(nursery, server_config(media, tmp_path / name, cluster), fake)
+        for name, fake in zip(("a", "b"), fakes, strict=True)
+    ]
+    results: list[tuple[int, bytes]] = []
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def get(base: str) -> None:
+            response = await client.get(base + "/videos/clip.mp4?width=320")
+            results.append((response.status_code, response.content))
+
+        async with trio.open_nursery() as clients:
+            for server in servers * 10:
+                clients.start_soon(get, server.url)
+    assert sum(fake.runs_started for fake in fakes) == 1
+    assert results == [(200, fakes[0].output_for(OPTIONS))] * 20
