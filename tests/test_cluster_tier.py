@@ -219,6 +219,14 @@ async def test_a_restarted_instance_with_an_empty_disk_answers_from_s3(
         second = await start_server(
             nursery, server_config(media, tmp_path / "b", shared), second_fake
         )
+        # A closed range reads only its parts (here part 2 of 2): 206 with the total, and
+        # nothing is cached locally for it.
+        part = await client.get(second.url + url, headers={"Range": "bytes=5300000-5300999"})
+        assert part.status_code == 206
+        assert part.headers["X-Cache-Status"] == "HIT-SHARED"
+        assert part.headers["Content-Range"] == f"bytes 5300000-5300999/{len(made.content)}"
+        assert part.content == made.content[5_300_000:5_301_000]
+        assert await second.service.cache.lookup(key) is None
         shared_hit = await client.get(second.url + url)
         assert shared_hit.headers["X-Cache-Status"] == "HIT-SHARED"
         assert shared_hit.content == made.content

@@ -13,6 +13,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..cache.base import EntryMeta
+from ..cluster.store import SharedStoreError
 from ..concurrency.coalescing import Subscription, WorkState
 from ..errors import ResizerError
 from ..metrics import CONTENT_TYPE_LATEST
@@ -22,6 +23,7 @@ from ..responsive import Resolved as Choice
 from ..responsive import resolve_options
 from ..scheduling.rules import is_prefetch, request_kind
 from ..targets import Target, parse_target
+from ..units import MiB
 from .accel import accel_headers
 from .admin import add_admin_routes
 from .asgi import ERROR_HEADERS, ExchangeGuard, error_body, release_on_exchange_end
@@ -186,6 +188,10 @@ async def answer_media(
             response = Response(no_body(), status=200)
             response.headers["X-Cache-Status"] = "MISS"
             status = "MISS"
+        elif (
+            shared_range := await respond_range_from_shared(service, key, conditions)
+        ) is not None:
+            response, status = shared_range, "HIT-SHARED"
         else:
             subscription = service.subscribe(
                 Job(key, resolved, options, target),
@@ -267,6 +273,45 @@ async def stream_entry(
                 chunks.sent(trio.current_time() - handed_over)
     finally:
         chunks.release()
+
+
+# A closed range of a shared entry at most this long is read from its parts alone; a longer
+# one (or an open one, a-) goes through the Work, which fills the local cache once.
+SHARED_RANGE_MAX = 16 * MiB
+
+
+async def respond_range_from_shared(
+    service: Service, key: str, conditions: Mapping[str, str]
+) -> Response | None:
+    """A 206 of a local miss that the shared store has, read from only the parts the range
+    covers (nothing cached locally), or None: not a range, too long, or not shared."""
+    if service.shared is None or "if-range" in conditions:
+        return None
+    spec = parse_range_spec(conditions.get("range"))
+    if spec is None or spec == (0, None):
+        return None
+    first, last = spec
+    if first is None or last is None or last - first + 1 > SHARED_RANGE_MAX:
+        return None
+    entry = await service.shared.lookup(key)
+    if entry is None:
+        return None
+    selected = parse_range(conditions.get("range"), entry.size)  # may raise 416
+    if selected is None:
+        return None
+    try:
+        # Read whole before answering: a body that is an async generator may not hold the
+        # store's read-ahead nursery open across its yields.
+        async with service.shared.store.read(entry, selected.start, selected.stop) as chunks:
+            data = b"".join([chunk async for chunk in chunks])
+    except SharedStoreError:
+        return None  # the Work serves it (transcoding, if the store stays unreadable)
+    response = Response(data, status=206)
+    response.headers["Content-Range"] = selected.content_range(entry.size)
+    response.headers["ETag"] = entry.meta.etag
+    response.headers["X-Cache-Status"] = "HIT-SHARED"
+    service.metrics.shared_hits.inc()
+    return response
 
 
 async def respond_range_in_flight(
