@@ -109,6 +109,9 @@ class CacheConfig:
     # How often a worker sweeps the folder (expired entries, then LRU beyond max_size);
     # commits that push the cache over max_size start a sweep at once.
     sweep_interval: Duration = Duration(30 * SECONDS)
+    # Expired entries stay this long (the first to go when the cache is over max_size), so a
+    # request after expiry revalidates the entry with its origin instead of transcoding.
+    expired_retention: Duration = Duration(7 * DAYS)
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,11 @@ class OriginConfig:
     # Cache-Control max-age by response class, seconds; "ok" also sets the cache entry's
     # TTL (default: [cache] ttl). Errors are never stored, so theirs bound clients' caches.
     ttl: dict[str, Duration] = field(default_factory=dict)
+    # RFC 5861: an entry expired by less than this is answered at once (X-Cache-Status:
+    # STALE) and revalidated in the background; by less than stale_if_error, it is served
+    # when revalidating or producing it again fails. 0 turns each off.
+    stale_while_revalidate: Duration = Duration(0)
+    stale_if_error: Duration = Duration(0)
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,15 @@ class Metrics:
             "Lease acquisitions and purge broadcasts done local only: Redis was unreachable",
             registry=r,
         )
+        self.revalidations = Counter(
+            "resizer_revalidations",
+            "Expired entries checked against their source: refreshed (unchanged, no ffmpeg), "
+            "changed (produced again) or failed (the origin could not answer)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("refreshed", "changed", "failed"):
+            self.revalidations.labels(outcome)
         # Measured by the disk cache's eviction sweep (cache/eviction.py), machine-wide: every
         # worker reports the one folder they share (the latest of their sweeps).
         self.cache_bytes = Gauge(

@@ -12,11 +12,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 import trio
 
-from .cache.base import CacheStore, EntryMeta, PublishedSpool
+from .cache.base import CacheStore, EntryMeta, PublishedSpool, source_validators
 from .cache.disk import DiskCacheStore, DiskSpoolReader, DiskWriter
 from .cache.eviction import Sweeper
 from .cache.failures import FailureCache
@@ -47,6 +48,7 @@ from .hls import render_playlist
 from .hls.runs import SegmentRuns
 from .metrics import Metrics
 from .options import Mode, OutputFormat, TransformOptions
+from .purge import PurgeLog, commit_unless_purged, on_cluster_purge, purge_shared_key
 from .responsive import policy_from_config
 from .scheduling.claims import Claim, Scheduler, SlotRequest, Snapshot
 from .scheduling.queue import Priority
@@ -86,6 +88,8 @@ class Lookup:
     entry: EntryMeta | None = None
     resolved: Resolved | None = None
     error: ResizerError | None = None
+    # The entry is expired, answered within stale_while_revalidate or stale_if_error.
+    stale: bool = False
 
 
 class Service:
@@ -126,6 +130,15 @@ class Service:
         self.shared = shared
         # Leases between instances ([cluster] redis_url): one transcode per key in the cluster.
         self.cluster = cluster
+        # Purges seen here (POST /admin/purge, the cluster's channel): see purge.py.
+        self.purges = PurgeLog()
+        # Revalidation of expired entries (RFC 5861 windows by origin; see revalidate).
+        self.stale_windows = {
+            o.name: (float(o.stale_while_revalidate), float(o.stale_if_error))
+            for o in config.origins
+        }
+        self.revalidating: set[str] = set()  # keys revalidated in the background now
+        self.background: trio.Nursery | None = None  # their service-owned task group
         self.sweeper: Sweeper | None = None  # a disk cache's eviction (open_service)
         # Told of each grant in the task that waited (the web layer notes it in the record
         # of the request that started the Work: its access log line and Server-Timing).
@@ -196,12 +209,15 @@ class Service:
         if not self.config.cache.speculative_resolution:
             outcome.entry = await self.lookup(key)
             if outcome.entry is None:
+                await self.stale_while_revalidate(outcome, target)
+            if outcome.entry is None:
                 try:
                     outcome.resolved = await self.resolve(target)
                 except ResizerError as exc:
-                    if raise_error:
-                        raise
                     outcome.error = exc
+                    await self.stale_if_error(outcome, target)
+                    if outcome.error is not None and raise_error:
+                        raise
             return outcome
 
         async def resolve() -> None:
@@ -214,13 +230,132 @@ class Service:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(resolve)
                 outcome.entry = await self.lookup(key)
+                if outcome.entry is None:
+                    await self.stale_while_revalidate(outcome, target)
                 if outcome.entry is not None:
                     nursery.cancel_scope.cancel()
+        if outcome.entry is None and outcome.error is not None:
+            await self.stale_if_error(outcome, target)
         if outcome.entry is not None:
             outcome.error = None
         elif outcome.error is not None and raise_error:
             raise outcome.error
         return outcome
+
+    # Revalidation: an expired entry whose source is unchanged is refreshed, not transcoded.
+
+    def stale_window(self, origin: str, kind: str) -> float:
+        """Seconds past expiry an entry of ``origin`` may be served: ``kind`` is "swr"
+        (stale_while_revalidate) or "sie" (stale_if_error); 0 for remote sources."""
+        windows = self.stale_windows.get(origin)
+        return 0.0 if windows is None else windows[0 if kind == "swr" else 1]
+
+    def _origin_of(self, target: Target) -> str:
+        if target.remote:
+            return ""
+        try:
+            origin, _ = self.origins.match(target.source)
+        except NoOriginMatched:
+            return ""
+        return origin.name
+
+    async def _stale_entry(self, key: str, origin: str, kind: str) -> EntryMeta | None:
+        """The expired entry for ``key`` if it expired less than the window ago."""
+        window = self.stale_window(origin, kind)
+        if window <= 0:
+            return None
+        entry = await self.cache.lookup_stale(key)
+        if entry is None or not 0 <= entry.stale_for() < window:
+            return None
+        return entry
+
+    async def stale_while_revalidate(self, outcome: Lookup, target: Target) -> None:
+        """On a miss, answer an entry expired by less than stale_while_revalidate (setting
+        ``outcome.entry``, ``outcome.stale``) and revalidate it once in the background."""
+        entry = await self._stale_entry(outcome.key, self._origin_of(target), "swr")
+        if entry is None:
+            return
+        outcome.entry, outcome.stale = entry, True
+        self.metrics.cache_hits.inc()
+        if self.background is not None and entry.key not in self.revalidating:
+            self.revalidating.add(entry.key)  # one revalidation per key at a time
+            self.background.start_soon(self._revalidate_in_background, entry, target)
+
+    async def stale_if_error(self, outcome: Lookup, target: Target) -> None:
+        """When the origin failed (5xx: not a 404), answer an entry expired by less than
+        stale_if_error instead of the error."""
+        if outcome.error is None or outcome.error.status < 500:
+            return
+        entry = await self._stale_entry(outcome.key, self._origin_of(target), "sie")
+        if entry is None:
+            return
+        self.metrics.revalidations.labels("failed").inc()
+        log.warning("serving stale entry", key=outcome.key, error=outcome.error.message)
+        outcome.entry, outcome.stale, outcome.error = entry, True, None
+
+    async def _revalidate_in_background(self, entry: EntryMeta, target: Target) -> None:
+        """Stat the source and refresh ``entry`` if it is unchanged; a changed source's
+        entry is deleted, so the next request produces it again (at its own priority)."""
+        try:
+            try:
+                resolved = await self.resolve(target)
+            except ResizerError as exc:
+                self.metrics.revalidations.labels("failed").inc()
+                log.warning("background revalidation failed", key=entry.key, error=exc.message)
+                return
+            if await self.revalidate(entry, resolved) is None:
+                await self.cache.delete(entry.key)
+        except Exception:
+            log.exception("background revalidation crashed", key=entry.key)
+        finally:
+            self.revalidating.discard(entry.key)
+
+    async def revalidate(self, entry: EntryMeta, resolved: Resolved) -> EntryMeta | None:
+        """The refreshed entry (new expiry, same bytes and ETag) when ``resolved`` still has
+        the validators ``entry`` recorded; None when they changed (or were not recorded)."""
+        if not entry.validators or entry.validators != validators_of(resolved):
+            self.metrics.revalidations.labels("changed").inc()
+            return None
+        refreshed = await self.cache.refresh(entry)
+        if refreshed is not None:
+            self.metrics.revalidations.labels("refreshed").inc()
+            log.info("entry refreshed", key=entry.key, expires=refreshed.expires)
+        return refreshed
+
+    def _finish_with(self, work: Work, entry: EntryMeta) -> bool:
+        """Serve ``work`` from the published ``entry``; False if it vanished meanwhile."""
+        try:
+            spool = (
+                self.disk.open_spool(entry)
+                if self.disk is not None
+                else PublishedSpool(self.cache, entry)
+            )
+        except KeyError:
+            return False
+        work.spool_from(spool)
+        work.advance(entry.size)
+        work.finish(entry)
+        return True
+
+    async def revalidate_or_transcode(self, work: Work, job: Job, lead: Lead | None = None) -> None:
+        """``_transcode``, unless the expired entry of ``job.key`` is still valid for the
+        source the request resolved (then refreshed in place: no ffmpeg); an entry expired by
+        less than stale_if_error is served when producing it again fails before any byte."""
+        stale = await self.cache.lookup_stale(job.key)
+        if stale is not None and stale.validators:
+            refreshed = await self.revalidate(stale, job.source)
+            if refreshed is not None and self._finish_with(work, refreshed):
+                return
+        try:
+            await self._transcode(work, job, lead)
+        except ResizerError as exc:
+            window = self.stale_window(job.source.origin, "sie")
+            if stale is None or work.current.produced or not 0 <= stale.stale_for() < window:
+                raise
+            if not self._finish_with(work, stale):
+                raise
+            self.metrics.revalidations.labels("failed").inc()
+            log.warning("serving stale entry", key=job.key, error=exc.message)
 
     def _budget_changed(self, budget: ByteBudget) -> None:
         self.metrics.budget_changed(budget)
@@ -324,7 +459,7 @@ class Service:
                     return
                 if await self.finish_from_shared(work, job):
                     return
-                await self._transcode(work, job)
+                await self.revalidate_or_transcode(work, job)
                 return
             while True:
                 # Synchronous: no cancellation between taking a lease and owning it.
@@ -357,7 +492,7 @@ class Service:
                 # Our clients may all leave while other processes still follow: then this
                 # watcher ends the Work once they have left too.
                 nursery.start_soon(self._abandon_when_unfollowed, work)
-                await self._transcode(work, job, lead)
+                await self.revalidate_or_transcode(work, job, lead)
                 nursery.cancel_scope.cancel()
 
     async def _transcode(self, work: Work, job: Job, lead: Lead | None = None) -> None:
@@ -413,6 +548,7 @@ class Service:
         byte went out (the caller transcodes then)."""
         if self.shared is None:
             return False
+        since = self.purges.generation  # a purge from now on voids what the store has
         shared = await self.shared.lookup(job.key)
         if shared is None:
             return False
@@ -424,6 +560,7 @@ class Service:
                 ttl=remaining_ttl(meta, time.time()),
                 options=meta.options,
                 source=meta.source,
+                validators=meta.validators,
             ) as writer:
                 work.spool_into(writer)
                 work.tier = "shared"
@@ -431,7 +568,7 @@ class Service:
                     async for data in chunks:
                         await writer.write(data)
                         work.advance(writer.bytes_written)
-                entry = await writer.commit()
+                entry = await commit_unless_purged(self, writer, job.key, since)
         except SharedStoreError as exc:
             if work.current.produced:
                 raise TransformFailed(f"the shared store failed mid-entry: {exc}") from exc
@@ -553,10 +690,15 @@ class Service:
             yield local.path, local.size
 
     async def _fetch_transform_spool(self, work: Work, job: Job, lead: Lead | None = None) -> None:
+        since = self.purges.generation  # before the source is fetched (purge.py)
         async with self.open_write_through(job.key) as through:
             entry = await self._transform_into_cache(work, job, through, lead)
             work.finish(entry)  # its clients are done; the shared upload completes below
+            if self.purges.purged_since(job.key, since):
+                return  # purged while in flight: leaving uncommitted discards the upload
             await through.commit(entry)
+            if through.committed and self.purges.purged_since(job.key, since):
+                await purge_shared_key(self, job.key)  # purged while the manifest was written
         log.info("work done", key=job.key, size=entry.size, shared=through.committed)
 
     @asynccontextmanager
@@ -574,6 +716,7 @@ class Service:
         """Fetch, probe, transform (or compute a text output) into the local cache and
         through to the shared store; the committed local entry."""
         chunk = self.config.cache.read_chunk
+        since = self.purges.generation  # before the source is fetched (purge.py)
         async with (
             self.cache.open_writer(
                 job.key,
@@ -581,6 +724,7 @@ class Service:
                 ttl=(job.source.ttl or {}).get("ok", self.config.cache.ttl),
                 options=job.options.canonical(),
                 source=f"{job.source.origin}:{job.source.source.kind}",
+                validators=validators_of(job.source),
             ) as writer,
             self.open_input(job) as (media, size),
         ):
@@ -599,7 +743,7 @@ class Service:
                 await writer.write(text.encode())
                 await through.write(text.encode())
                 work.advance(writer.bytes_written)
-                return await writer.commit()
+                return await commit_unless_purged(self, writer, job.key, since)
             async with self.run_slot(work, job):
                 self.metrics.transforms.inc()
                 self.metrics.transforms_running.inc()
@@ -613,7 +757,7 @@ class Service:
                     self.metrics.transforms_running.dec()
             if writer.bytes_written == 0:
                 raise TransformFailed("ffmpeg succeeded but produced no output")
-            return await writer.commit()
+            return await commit_unless_purged(self, writer, job.key, since)
 
     def _text_from_probe(self, job: Job, info: MediaInfo) -> str | None:
         """The output of ``job`` when it is a document about the source, else None."""
@@ -626,6 +770,12 @@ class Service:
             assert target is not None
             return render_playlist(options, target, info, self.policy, max_output)
         return None
+
+
+def validators_of(resolved: Resolved) -> str:
+    """The validators of a resolved source, as entries record them."""
+    stat = resolved.stat
+    return source_validators(stat.size, stat.mtime, getattr(stat, "etag", "") or "")
 
 
 def build_cache(config: Config) -> CacheStore:
@@ -709,6 +859,9 @@ async def open_service(
         await services.start(service.hls.serve)
         await services.start(service.loop_lag.serve)
         await services.start(service.heap_trimmer.serve)
+        service.background = services  # background revalidations (stale_while_revalidate)
+        if service.cluster is not None:  # purges other instances publish (purge.py)
+            await services.start(service.cluster.serve_purges, partial(on_cluster_purge, service))
         if service.disk is not None:  # bounded by [cache] max_size (cache/eviction.py)
             service.sweeper = Sweeper.from_config(config, service.disk, metrics)
             await services.start(service.sweeper.serve)

@@ -401,15 +401,18 @@ async def test_an_unleased_commit_waits_while_another_process_holds_the_key(
     await assert_serves(root, "k", published[0], NEW)
 
 
-async def test_expired_entry_files_are_removed_on_lookup(root: Path) -> None:
-    """An expired entry found by lookup is deleted from disk, not just hidden."""
+async def test_expired_entry_files_are_kept_for_revalidation(root: Path) -> None:
+    """An expired entry is a miss for lookup but stays on disk for lookup_stale (the sweep
+    removes expired entries)."""
     clock = FakeClock()
     disk = DiskCacheStore(root, clock=clock)
     disk.prepare()
-    await put(disk, "k", OLD, ttl=5.0)
+    entry = await put(disk, "k", OLD, ttl=5.0)
+    before = files_under(root)
     clock.now = START + 5.0
     assert await disk.lookup("k") is None
-    assert files_under(root) == set()
+    assert files_under(root) == before
+    assert await disk.lookup_stale("k") == entry
 
 
 async def test_metadata_of_another_key_is_not_served(disk: DiskCacheStore) -> None:

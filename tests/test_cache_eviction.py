@@ -66,6 +66,7 @@ def test_plan_removes_expired_then_least_recently_used_down_to_the_low_watermark
     """Expired go, then LRU down to the low mark: never in use, never too many, oldest first."""
     low_water = int(max_size * low_fraction)
     plan = plan_sweep(entries, now=now, max_size=max_size, low_water=low_water, pinned=pinned)
+    # (With retention 0 nothing expired is kept; the retention is tested below.)
     removed = plan.expired + plan.evicted
     assert len({c.digest for c in removed}) == len(removed)
     assert not any(c.in_use for c in removed)
@@ -86,6 +87,22 @@ def test_plan_removes_expired_then_least_recently_used_down_to_the_low_watermark
             assert all(evicted.last_use <= c.last_use for c in removable_left)
     uses = [c.last_use for c in plan.evicted]
     assert uses == sorted(uses)
+
+
+def test_expired_entries_are_kept_for_the_retention_and_evicted_first() -> None:
+    """Within the retention an expired entry stays (revalidation refreshes it); beyond it,
+    it goes; over max_size, retained expired entries go before fresh ones used long ago."""
+    fresh_old = Candidate("aa", size=100, last_use=0.0, expires=1_000.0)
+    retained = Candidate("bb", size=100, last_use=50.0, expires=90.0)
+    gone = Candidate("cc", size=100, last_use=60.0, expires=10.0)
+    roomy = plan_sweep(
+        [fresh_old, retained, gone], now=100.0, max_size=1_000, low_water=900, retention=50.0
+    )
+    assert (roomy.expired, roomy.evicted) == ([gone], [])
+    tight = plan_sweep(
+        [fresh_old, retained, gone], now=100.0, max_size=150, low_water=100, retention=50.0
+    )
+    assert (tight.expired, tight.evicted) == ([gone], [retained])
 
 
 def test_plan_keeps_entries_in_use_even_when_it_cannot_reach_the_mark() -> None:

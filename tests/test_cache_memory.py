@@ -267,15 +267,14 @@ async def test_rewriting_identical_content_keeps_the_entry_readable(store: Cache
     assert await read(store, first) == b"same bytes"
 
 
-async def test_expired_entry_is_a_miss_and_is_dropped(store: CacheStore, clock: FakeClock) -> None:
-    """An entry is served until created + ttl, then missed, and stays gone after that."""
-    await put(store, "k", b"data", ttl=10.0)
+async def test_expired_entry_is_a_miss_but_kept_stale(store: CacheStore, clock: FakeClock) -> None:
+    """An entry is served until created + ttl, then missed, but lookup_stale still finds it."""
+    entry = await put(store, "k", b"data", ttl=10.0)
     clock.now = START + 9.999
     assert await store.lookup("k") is not None
     clock.now = START + 10.0
     assert await store.lookup("k") is None
-    clock.now = START  # proves the expired entry was removed rather than hidden
-    assert await store.lookup("k") is None
+    assert await store.lookup_stale("k") == entry
 
 
 async def test_delete_is_idempotent(store: CacheStore) -> None:

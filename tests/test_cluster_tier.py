@@ -3,6 +3,8 @@ and a store that fails never failing a request."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,9 +24,13 @@ from resizer.pipeline import Job, Service, open_service
 from resizer.sources.fake import FakeSource
 from resizer.transform.fake import FakeTransformer
 from tests.harness import PATH, fake_origin_config, fake_origins
-from tests.server import server_config, start_server
+from tests.media import make_test_video
+from tests.server import server_config, server_config_text, start_server
 from tests.test_cluster_leases import RedisServer, redis_server  # noqa: F401 - the fixture
 from tests.test_cluster_s3 import BUCKET, Moto, moto  # noqa: F401 - the fixture
+from tests.test_http_coalescing import poll_until
+from tests.test_http_scheduling import ffmpeg_descendants
+from tests.test_workers import running_supervised
 
 OPTIONS = parse_options({"width": "320"})
 KEY = cache_key(PATH, OPTIONS)
@@ -280,3 +286,65 @@ async def test_two_real_instances_on_redis_and_s3_transcode_once(
                 clients.start_soon(get, server.url)
     assert sum(fake.runs_started for fake in fakes) == 1
     assert results == [(200, fakes[0].output_for(OPTIONS))] * 20
+
+
+@pytest.mark.integration
+async def test_killing_the_leader_mid_transcode_lets_the_other_instance_take_over(
+    moto: Moto,  # noqa: F811 - the fixture
+    redis_server: RedisServer,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """Two `resizer serve` processes (real ffmpeg) on one Redis and one S3: instance A leads
+    a slow transcode, B's request for the same URL waits on A's lease; A is killed (SIGKILL)
+    mid-transcode: A's client fails visibly, the lease expires, B transcodes and answers."""
+    media = tmp_path / "media"
+    media.mkdir()
+    make_test_video(media / "clip.mp4", 640, 360, seconds=30)
+    cluster = f"""
+    [cluster]
+    redis_url = "redis://127.0.0.1:{redis_server.port}"
+    lease_ttl = "1s"
+    [cluster.s3]
+    bucket = "{BUCKET}"
+    prefix = "takeover/"
+    endpoint_url = "{moto.endpoint_url}"
+    access_key_id = "{moto.user.access_key_id}"
+    secret_access_key = "{moto.user.secret_access_key}"
+    """
+    url = "/videos/clip.mp4?width=640&compression=high"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with (
+        running_supervised(
+            server_config_text(media, tmp_path / "a" / "cache", cluster), tmp_path / "a"
+        ) as a,
+        running_supervised(
+            server_config_text(media, tmp_path / "b" / "cache", cluster), tmp_path / "b"
+        ) as b,
+        httpx.AsyncClient(timeout=120) as client,
+    ):
+        outcomes: dict[str, tuple[int, int] | httpx.HTTPError] = {}
+
+        async def get(name: str, base: str) -> None:
+            try:
+                response = await client.get(base + url)
+                outcomes[name] = (response.status_code, len(response.content))
+            except httpx.HTTPError as exc:  # the dead leader's client: a visible failure
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as clients:
+            clients.start_soon(get, "a", a.url)
+            with trio.fail_after(30):
+                await poll_until(lambda: bool(ffmpeg_descendants(a.process.pid)) or "a" in outcomes)
+            assert "a" not in outcomes, outcomes
+            clients.start_soon(get, "b", b.url)
+            await trio.sleep(0.5)  # B waits on A's lease: no ffmpeg of its own yet
+            assert ffmpeg_descendants(b.process.pid) == []
+            for worker in a.workers():  # the whole instance dies at once: no release
+                os.kill(worker, signal.SIGKILL)
+            a.process.kill()
+        assert isinstance(outcomes["a"], httpx.HTTPError)
+        answer = outcomes["b"]
+        assert not isinstance(answer, httpx.HTTPError), answer
+        assert answer[0] == 200
+        assert answer[1] > 100_000

@@ -59,6 +59,9 @@ class EntryMeta:
     ttl: float  # seconds the entry stays fresh
     options: str  # canonical options, for humans and tooling
     source: str = ""  # "<origin>:<source kind>" it was made from (X-Origin, X-Source)
+    # The source's validators when it was made (``source_validators``): an expired entry
+    # whose source still has them is refreshed instead of transcoded again. "" = unknown.
+    validators: str = ""
 
     @property
     def expires(self) -> float:
@@ -81,7 +84,19 @@ class EntryMeta:
             ttl=float(data["ttl"]),
             options=str(data["options"]),
             source=str(data.get("source", "")),
+            validators=str(data.get("validators", "")),
         )
+
+    def stale_for(self, now: float | None = None) -> float:
+        """Seconds since it expired (negative while fresh)."""
+        return (time.time() if now is None else now) - self.expires
+
+
+def source_validators(size: int, mtime: float, etag: str = "") -> str:
+    """A source's validators as one comparable string: its size, its modification time (a
+    file's mtime, an HTTP Last-Modified) and its ETag when the origin gives one."""
+    text = f"size={size};mtime={mtime!r}"
+    return f"{text};etag={etag}" if etag else text
 
 
 class SpoolReader(Protocol):
@@ -165,10 +180,28 @@ class CacheStore(Protocol):
         ...
 
     def open_writer(
-        self, key: str, *, content_type: str, ttl: float, options: str, source: str = ""
+        self,
+        key: str,
+        *,
+        content_type: str,
+        ttl: float,
+        options: str,
+        source: str = "",
+        validators: str = "",
     ) -> AbstractAsyncContextManager[CacheWriter]:
         """A writer for a new entry. Leaving the block without ``commit`` (error or
         cancellation) removes every partial file; an existing entry stays untouched."""
+        ...
+
+    async def lookup_stale(self, key: str) -> EntryMeta | None:
+        """The complete entry for ``key`` even if expired (for revalidation), or None.
+        Lookups leave expired entries in place; the disk cache's sweep removes them."""
+        ...
+
+    async def refresh(self, entry: EntryMeta, created: float | None = None) -> EntryMeta | None:
+        """Republish ``entry`` (same bytes, same ETag) with a new ``created`` (default: the
+        store's clock now), hence a new expiry; None when the key no longer holds that
+        version (replaced or deleted)."""
         ...
 
     async def delete(self, key: str) -> None:

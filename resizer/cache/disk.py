@@ -33,6 +33,7 @@ write is an operational problem the caller must see rather than a client error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -44,6 +45,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -267,6 +269,52 @@ class DiskCacheStore:
         # request. Entries found here are remembered for recall().
         return await trio.to_thread.run_sync(self._lookup_sync, key)
 
+    async def lookup_stale(self, key: str) -> EntryMeta | None:
+        """The complete entry even if expired (lookups leave expired entries in place for
+        revalidation; the eviction sweep removes them)."""
+        return await trio.to_thread.run_sync(partial(self._lookup_sync, key, stale=True))
+
+    async def refresh(self, entry: EntryMeta, created: float | None = None) -> EntryMeta | None:
+        """Republish ``entry``'s metadata with a new ``created`` (same data file, same ETag):
+        a new metadata file renamed over the old one under the key's lease, like a commit.
+        None when the key no longer holds that version."""
+        digest = key_digest(entry.key)
+        lease = await self._lease_for_publish(digest)
+        try:
+            return await trio.to_thread.run_sync(self._refresh_sync, digest, entry, created)
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _refresh_sync(
+        self, digest: str, entry: EntryMeta, created: float | None
+    ) -> EntryMeta | None:
+        meta_path = self._meta_path(digest)
+        tmp_meta = self._tmp_dir / f"{digest}.{secrets.token_hex(8)}{_META_SUFFIX}"
+        try:
+            with self._publish_lock:
+                try:
+                    stored = _parse_meta(meta_path.read_bytes(), digest)
+                except FileNotFoundError:
+                    return None
+                if stored is None or stored.meta.key != entry.key:
+                    return None
+                if stored.meta.etag != entry.etag:
+                    return None  # replaced by another version meanwhile
+                if not _has_size(meta_path.parent / stored.data_name, stored.meta.size):
+                    return None  # torn: lookups drop it
+                when = self._clock() if created is None else created
+                meta = dataclasses.replace(stored.meta, created=when)
+                payload = json.dumps({**meta.to_json(), "data": stored.data_name}).encode()
+                self._write_small_file(tmp_meta, payload)
+                os.replace(tmp_meta, meta_path)  # the one commit point, as in _publish_sync
+                if self._fsync:
+                    self._fsync_dir(meta_path.parent)
+        finally:
+            tmp_meta.unlink(missing_ok=True)
+        self._recent.pop(digest, None)  # recall() reads the new file (its identity changed)
+        return meta
+
     def open_spool(self, entry: EntryMeta) -> DiskSpoolReader:
         """A spool reader over a published entry's data (raises ``KeyError`` once it is gone)."""
         path = self.data_path(entry)
@@ -299,7 +347,14 @@ class DiskCacheStore:
 
     @asynccontextmanager
     async def open_writer(
-        self, key: str, *, content_type: str, ttl: float, options: str, source: str = ""
+        self,
+        key: str,
+        *,
+        content_type: str,
+        ttl: float,
+        options: str,
+        source: str = "",
+        validators: str = "",
     ) -> AsyncIterator[DiskWriter]:
         digest = key_digest(key)
         # The random token keeps concurrent writers of one key apart.
@@ -321,6 +376,7 @@ class DiskCacheStore:
             options=options,
         )
         writer.source = source
+        writer.validators = validators
         try:
             yield writer
         finally:
@@ -342,13 +398,47 @@ class DiskCacheStore:
     async def delete(self, key: str) -> None:
         await trio.to_thread.run_sync(self._delete_sync, key_digest(key))
 
+    async def purge(self, keys: tuple[str, ...], prefixes: tuple[str, ...]) -> int:
+        """Remove the entries of ``keys`` and of every key starting with one of ``prefixes``
+        (a scan of the metadata files, in a thread); returns how many were removed."""
+        return await trio.to_thread.run_sync(self._purge_sync, keys, prefixes)
+
+    def _purge_sync(self, keys: tuple[str, ...], prefixes: tuple[str, ...]) -> int:
+        removed = 0
+        for key in keys:
+            removed += self._purge_meta(self._meta_path(key_digest(key)), key.__eq__)
+        if prefixes:
+            for meta_path in self._entries_dir.glob(f"*/*{_META_SUFFIX}"):
+                removed += self._purge_meta(meta_path, lambda key: key.startswith(prefixes))
+        return removed
+
+    def _purge_meta(self, meta_path: Path, wanted: Callable[[str], bool]) -> int:
+        """Unpublish the entry of ``meta_path`` if its key is ``wanted``; 1 if it did."""
+        digest = meta_path.name.removesuffix(_META_SUFFIX)
+        try:
+            raw = meta_path.read_bytes()
+            key = json.loads(raw).get("key")
+        except (OSError, ValueError, AttributeError):
+            return 0  # gone meanwhile, or not ours (lookups and prepare() tidy it)
+        if not isinstance(key, str) or not wanted(key):
+            return 0
+        self._recent.pop(digest, None)
+        try:
+            with self._publish_lock:
+                if meta_path.read_bytes() != raw:
+                    return 0  # replaced since it was read: a newer entry, not purged
+                self._unpublish_locked(meta_path, raw, digest)
+        except FileNotFoundError:
+            return 0
+        return 1
+
     def _entry_dir(self, digest: str) -> Path:
         return self._entries_dir / digest[:2]
 
     def _meta_path(self, digest: str) -> Path:
         return self._entry_dir(digest) / f"{digest}{_META_SUFFIX}"
 
-    def _lookup_sync(self, key: str) -> EntryMeta | None:
+    def _lookup_sync(self, key: str, *, stale: bool = False) -> EntryMeta | None:
         digest = key_digest(key)
         meta_path = self._meta_path(digest)
         try:
@@ -368,9 +458,9 @@ class DiskCacheStore:
             # A sha256 collision: the entry belongs to the other key, so leave it alone.
             log.warning("cache_key_collision", key=key, stored_key=stored.meta.key)
             return None
-        if not stored.meta.is_fresh(self._clock()):
-            self._unpublish_if_unchanged(digest, raw, reason="expired")
-            return None
+        fresh = stored.meta.is_fresh(self._clock())
+        if not fresh and not stale:
+            return None  # kept for revalidation (lookup_stale); the sweep removes it
         try:
             size: int | None = (meta_path.parent / stored.data_name).stat().st_size
         except FileNotFoundError:
@@ -381,6 +471,8 @@ class DiskCacheStore:
         if size != stored.meta.size:
             self._unpublish_if_unchanged(digest, raw, reason="torn")
             return None
+        if not fresh:
+            return stored.meta
         self._remember(digest, identity, stored.meta)
         if self._next_touch.get(digest, 0.0) <= time.monotonic():
             self._mark_used(digest, stored.meta)
@@ -589,6 +681,7 @@ class DiskWriter:
         self._ttl = ttl
         self._options = options
         self.source = ""
+        self.validators = ""
         self._hasher = new_etag_hasher()
         self._size = 0
         self._finished: str | None = None  # why it no longer accepts calls
@@ -636,6 +729,7 @@ class DiskWriter:
             ttl=self._ttl,
             options=self._options,
             source=self.source,
+            validators=self.validators,
         )
         # Under the key's lease from the data rename to the metadata rename: otherwise another
         # process's prepare() could see the new data file unreferenced and remove it.

@@ -81,26 +81,37 @@ class Plan:
 
 
 def plan_sweep(
-    entries: Iterable[Candidate], *, now: float, max_size: int, low_water: int, pinned: int = 0
+    entries: Iterable[Candidate],
+    *,
+    now: float,
+    max_size: int,
+    low_water: int,
+    pinned: int = 0,
+    retention: float = 0.0,
 ) -> Plan:
     """Which entries a sweep removes (pure).
 
-    Every expired entry not in use; then, if what is left (plus ``pinned`` bytes that cannot
-    be removed, such as partial files) exceeds ``max_size``, the least recently used entries
-    not in use until at most ``low_water`` is left (or nothing removable is).
+    Every entry not in use that expired more than ``retention`` ago (within it, an expired
+    entry is kept: revalidation can refresh it without transcoding); then, if what is left
+    (plus ``pinned`` bytes that cannot be removed, such as partial files) exceeds
+    ``max_size``, the expired entries first, then the least recently used, all not in use,
+    until at most ``low_water`` is left (or nothing removable is).
     """
     kept: list[Candidate] = []
     expired: list[Candidate] = []
     total = pinned
     for entry in entries:
-        if entry.expires <= now and not entry.in_use:
+        if entry.expires + retention <= now and not entry.in_use:
             expired.append(entry)
         else:
             kept.append(entry)
             total += entry.size
     evicted: list[Candidate] = []
     if total > max_size:
-        removable = sorted((e for e in kept if not e.in_use), key=lambda e: (e.last_use, e.digest))
+        removable = sorted(
+            (e for e in kept if not e.in_use),
+            key=lambda e: (e.expires > now, e.last_use, e.digest),  # expired ones first
+        )
         for entry in removable:
             if total <= low_water:
                 break
@@ -142,11 +153,13 @@ class Sweeper:
         *,
         max_size: int = 0,
         interval: float = 30.0,
+        retention: float = 0.0,
         metrics: Metrics | None = None,
         clock: Callable[[], float] | None = None,  # for expiry; default: the store's
     ) -> None:
         self.store = store
         self.interval = interval
+        self.retention = retention  # expired entries kept this long, for revalidation
         self.metrics = metrics
         self.max_size = max_size  # resolved by the first sweep when 0 ("auto")
         self._clock = clock or store._clock
@@ -165,6 +178,7 @@ class Sweeper:
             store,
             max_size=config.cache.max_size,
             interval=config.cache.sweep_interval,
+            retention=config.cache.expired_retention,
             metrics=metrics,
         )
         store.on_publish = sweeper.committed
@@ -228,6 +242,7 @@ class Sweeper:
                 max_size=self.max_size,
                 low_water=int(self.max_size * LOW_WATER),
                 pinned=pinned,
+                retention=self.retention,
             )
             newly_busy = False
             for reason, victims in ((EXPIRED, plan.expired), (SIZE, plan.evicted)):

@@ -1,8 +1,9 @@
 """An in-memory ``CacheStore`` with the disk store's semantics, for tests and small setups.
 
-Like the disk store it publishes only on commit, computes the same strong ETag, drops expired
-entries on lookup, and lets a reader that opened a version keep reading it after an overwrite
-or delete, while opening a replaced version raises ``KeyError``. Every operation checkpoints,
+Like the disk store it publishes only on commit, computes the same strong ETag, answers no
+expired entry from lookups (but keeps it for ``lookup_stale`` and ``refresh``), and lets a
+reader that opened a version keep reading it after an overwrite or delete, while opening a
+replaced version raises ``KeyError``. Every operation checkpoints,
 so cancellation reaches callers at the same places as with real I/O.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -42,13 +43,26 @@ class MemoryCacheStore:
         if entry is None:
             return None
         if not entry.meta.is_fresh(self._clock()):
-            del self._entries[key]
-            return None
+            return None  # kept for revalidation (lookup_stale); a new version replaces it
         return entry.meta
 
     async def lookup(self, key: str) -> EntryMeta | None:
         await trio.lowlevel.checkpoint()
         return self.recall(key)
+
+    async def lookup_stale(self, key: str) -> EntryMeta | None:
+        await trio.lowlevel.checkpoint()
+        entry = self._entries.get(key)
+        return None if entry is None else entry.meta
+
+    async def refresh(self, entry: EntryMeta, created: float | None = None) -> EntryMeta | None:
+        await trio.lowlevel.checkpoint()
+        stored = self._entries.get(entry.key)
+        if stored is None or stored.meta.etag != entry.etag:
+            return None
+        meta = replace(stored.meta, created=self._clock() if created is None else created)
+        self._entries[entry.key] = _Entry(meta, stored.data)
+        return meta
 
     @asynccontextmanager
     async def open_range(
@@ -65,11 +79,19 @@ class MemoryCacheStore:
 
     @asynccontextmanager
     async def open_writer(
-        self, key: str, *, content_type: str, ttl: float, options: str, source: str = ""
+        self,
+        key: str,
+        *,
+        content_type: str,
+        ttl: float,
+        options: str,
+        source: str = "",
+        validators: str = "",
     ) -> AsyncIterator[_MemoryWriter]:
         await trio.lowlevel.checkpoint()
         writer = _MemoryWriter(self, key, content_type=content_type, ttl=ttl, options=options)
         writer.source = source
+        writer.validators = validators
         try:
             yield writer
         finally:
@@ -78,6 +100,15 @@ class MemoryCacheStore:
     async def delete(self, key: str) -> None:
         await trio.lowlevel.checkpoint()
         self._entries.pop(key, None)
+
+    async def purge(self, keys: tuple[str, ...], prefixes: tuple[str, ...]) -> int:
+        """Remove the entries of ``keys`` and of every key starting with one of ``prefixes``;
+        returns how many were removed."""
+        await trio.lowlevel.checkpoint()
+        doomed = [k for k in self._entries if k in keys or (prefixes and k.startswith(prefixes))]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
 
 
 class _MemoryChunks:
@@ -109,6 +140,7 @@ class _MemoryWriter:
         self._ttl = ttl
         self._options = options
         self.source = ""
+        self.validators = ""
         self._buffer = bytearray()
         self._hasher = new_etag_hasher()
         self._finished: str | None = None  # why it no longer accepts calls
@@ -139,6 +171,7 @@ class _MemoryWriter:
             ttl=self._ttl,
             options=self._options,
             source=self.source,
+            validators=self.validators,
         )
         self._store._entries[self._key] = _Entry(meta, bytes(self._buffer))
         self._finished = "committed"

@@ -43,6 +43,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 
+import anyio
 import coredis
 import coredis.exceptions
 import structlog
@@ -460,18 +461,23 @@ class RedisLeases(LeaseHolding):
         started = False
         while True:
             try:
-                client = self._require_client()
-                async with client.pubsub(
-                    channels=[PURGE_CHANNEL], ignore_subscribe_messages=True, retry_policy=None
-                ) as pubsub:
-                    self._reachable()
-                    if not started:
-                        started = True
-                        task_status.started()
-                    delays = iter(_RECONNECT_DELAYS)
-                    async for message in pubsub:
-                        await _deliver(message.get("data"), callback)
-                raise coredis.exceptions.ConnectionError("the subscription ended")
+                try:
+                    client = self._require_client()
+                    async with client.pubsub(
+                        channels=[PURGE_CHANNEL], ignore_subscribe_messages=True, retry_policy=None
+                    ) as pubsub:
+                        self._reachable()
+                        if not started:
+                            started = True
+                            task_status.started()
+                        delays = iter(_RECONNECT_DELAYS)
+                        async for message in pubsub:
+                            await _deliver(message.get("data"), callback)
+                    raise coredis.exceptions.ConnectionError("the subscription ended")
+                except* anyio.ClosedResourceError as closed:
+                    # coredis unsubscribes on a connection already closed while it tears the
+                    # subscription down (at shutdown, among the cancellations, which go on).
+                    self._outage(closed.exceptions[0])
             except _UNREACHABLE as exc:
                 self._outage(exc)
             except Exception as exc:  # coredis wraps errors in groups

@@ -3,6 +3,8 @@
 * ``/readyz`` is readiness, for load balancers: 503 while the server drains (shutdown has
   begun) or while the scheduler says its high-priority queue is over its bound; otherwise 200.
   ``/healthz`` stays liveness only (200 while the process serves).
+* ``POST /admin/purge`` removes cache entries by key, source or source prefix, here, in the
+  shared store and on every other instance (see ``purge.py``).
 * ``/admin/inflight`` lists this worker's in-flight Works (and HLS segment runs) as JSON: key,
   class, age, subscribers, bytes produced, ffmpeg pids. Each worker answers for itself and
   names its ``pid``.
@@ -30,6 +32,7 @@ from ..concurrency.coalescing import Work
 from ..config import Config
 from ..errors import ResizerError
 from ..pipeline import Service
+from ..purge import BadPurgeRequest, PurgeSpec, purge
 
 log = structlog.get_logger(__name__)
 
@@ -178,3 +181,13 @@ def add_admin_routes(app: QuartTrio, service: Service) -> None:
     async def admin_inflight() -> Response:
         require_admin(service, request.headers.get("Authorization"))
         return _json(inflight(service))
+
+    @app.route("/admin/purge", methods=["POST"])
+    async def admin_purge() -> Response:
+        require_admin(service, request.headers.get("Authorization"))
+        raw = await request.get_data(as_text=False)
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise BadPurgeRequest(f"the body is not JSON: {exc}") from None
+        return _json(await purge(service, PurgeSpec.from_json(body)))

@@ -19,6 +19,7 @@ from ..errors import ResizerError
 from ..metrics import CONTENT_TYPE_LATEST
 from ..options import TransformOptions, cache_key
 from ..pipeline import Job, Lookup, Service
+from ..purge import tag_headers
 from ..responsive import Resolved as Choice
 from ..responsive import resolve_options
 from ..scheduling.rules import is_prefetch, request_kind
@@ -172,6 +173,8 @@ async def answer_media(
     if entry is not None:
         response = respond_from_cache(service, entry, head=head)
         status = "HIT"
+        if found.stale:  # expired: stale_while_revalidate or stale_if_error (pipeline.py)
+            response.headers["X-Cache-Status"] = status = "STALE"
     else:
         resolved = found.resolved
         assert resolved is not None
@@ -216,6 +219,7 @@ async def answer_media(
             response.headers["X-Cache-Status"] = status
         response.headers["X-Origin"] = resolved.origin
         response.headers["X-Source"] = resolved.source.kind
+        response.headers.update(tag_headers(resolved.origin, target.source))
         apply_representation_headers(response, options, ttl.get("ok", service.config.cache.ttl))
     apply_negotiation_headers(response, service, options, choice.vary)
     return response

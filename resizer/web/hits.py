@@ -32,6 +32,7 @@ from ..concurrency.groups import unwrap_single_exception
 from ..errors import ResizerError
 from ..options import TransformOptions, cache_key
 from ..pipeline import Service
+from ..purge import entry_tag_headers
 from ..responsive import ACCEPT_CH, resolve_options
 from ..targets import parse_target
 from .accel import accel_headers
@@ -70,6 +71,7 @@ def plan_hit(entry: EntryMeta, request_headers: Mapping[str, str], now: float) -
     }
     if entry.source:
         headers["X-Origin"], _, headers["X-Source"] = entry.source.rpartition(":")
+    headers.update(entry_tag_headers(entry))  # Cache-Tag, Surrogate-Key (purge.py)
     if check_preconditions(request_headers, entry.etag, entry.created):
         return HitPlan(304, headers, None)
     selected: ByteRange | None = None
@@ -160,6 +162,8 @@ class HitFastPath:
             **negotiation_headers(service, choice.options, choice.vary),
             "X-Request-Id": request_id,
         }
+        if found.stale:  # expired: stale_while_revalidate or stale_if_error (pipeline.py)
+            response_headers["X-Cache-Status"] = "STALE"
         encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers.items()]
         head = scope["method"] == "HEAD"
         if plan.span is None or head or plan.span.length == 0:

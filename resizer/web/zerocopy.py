@@ -116,9 +116,9 @@ class ZeroCopyHits:
         self.disk = cache if isinstance(cache, DiskCacheStore) else None
         self._date = (0, b"")
         # Pure work a hot URL repeats, memoised: target -> key and header fields, and an
-        # entry's own fields by ETag (a new version has a new ETag).
+        # entry's own fields by key and ETag (a new version has a new ETag).
         self._routes: OrderedDict[tuple[object, ...], _Route | None] = OrderedDict()
-        self._entry_fields: OrderedDict[tuple[str, bool], bytes] = OrderedDict()
+        self._entry_fields: OrderedDict[tuple[str, str, bool], bytes] = OrderedDict()
         self._trust_request_id = service.config.logging.trust_request_id
 
     @property
@@ -278,7 +278,7 @@ class ZeroCopyHits:
     def _fields_of(self, entry: EntryMeta, now: float, accel: bool) -> bytes | None:
         """The fields of a 200 of the whole ``entry`` (``accel``: of the redirect that hands
         it to nginx), fixed per version but for the max-age, so built once."""
-        memo = (entry.etag, accel)
+        memo = (entry.key, entry.etag, accel)  # by key too: its Cache-Tag names the source
         fixed = self._entry_fields.get(memo)
         if fixed is None:
             plan = plan_hit(entry, {}, now)
