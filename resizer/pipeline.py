@@ -527,20 +527,8 @@ class Service:
         Work any more (it left the registry when it finished): its new Work lands here.
         """
         entry = await self.cache.lookup(key)
-        if entry is None:
-            return False
-        try:
-            spool = (
-                self.disk.open_spool(entry)
-                if self.disk is not None
-                else PublishedSpool(self.cache, entry)
-            )
-        except KeyError:
-            return False  # replaced or deleted meanwhile: produce it again
-        work.spool_from(spool)
-        work.advance(entry.size)
-        work.finish(entry)
-        return True
+        # False when replaced or deleted meanwhile: produce it again.
+        return entry is not None and self._finish_with(work, entry)
 
     async def finish_from_shared(self, work: Work, job: Job) -> bool:
         """Serve ``work`` from the shared store, filling the local cache once (True), if
