@@ -10,16 +10,11 @@ off, turns auth on, and checks that an unknown key is refused. moto also enforce
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
 import pytest
 import trio
 import trio.testing
@@ -36,8 +31,9 @@ from resizer.cluster.store import (
     manifest_name,
 )
 from resizer.sources.http import make_http_client
-from resizer.sources.sigv4 import Credentials, make_signer
+from resizer.sources.sigv4 import Credentials
 from resizer.units import MiB
+from tests.moto import enforce_auth, running_moto
 
 REGION = "us-east-1"
 BUCKET = "shared"
@@ -49,13 +45,6 @@ PART = 5 * MiB  # S3's (and moto's) smallest part but the last
 class Moto:
     endpoint_url: str
     user: Credentials  # an IAM user allowed s3:*
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _boto(endpoint_url: str, service: str, credentials: Credentials) -> Any:
@@ -78,48 +67,15 @@ def _set_up(endpoint_url: str) -> Moto:
     iam.put_user_policy(UserName="cluster", PolicyName="s3", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="cluster")["AccessKey"]
     _boto(endpoint_url, "s3", SETUP).create_bucket(Bucket=BUCKET)
-    httpx.post(f"{endpoint_url}/moto-api/reset-auth", content=b"0", timeout=10).raise_for_status()
-    probe = httpx.Request("GET", f"{endpoint_url}/{BUCKET}/anything")
-    make_signer(Credentials("AKIAUNKNOWNUNKNOWN00", "nope"), REGION)(probe)
-    with httpx.Client(timeout=10) as client:
-        status = client.send(probe).status_code
-    if status != 403:
-        raise RuntimeError(f"moto does not check signatures: an unknown key got {status}")
+    unknown = Credentials("AKIAUNKNOWNUNKNOWN00", "nope")
+    enforce_auth(endpoint_url, f"{endpoint_url}/{BUCKET}/anything", unknown, REGION)
     return Moto(endpoint_url, Credentials(key["AccessKeyId"], key["SecretAccessKey"]))
 
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
-    port = _free_port()
-    endpoint_url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "MOTO_PORT": str(port)},
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"moto server exited with {process.returncode}")
-            try:
-                httpx.get(f"{endpoint_url}/moto-api/", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with running_moto(tmp_path_factory.mktemp("moto")) as endpoint_url:
         yield _set_up(endpoint_url)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class Gated:

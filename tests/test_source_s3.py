@@ -14,12 +14,7 @@ boto3 (a dev dependency through moto) is used only in the sync fixture to set up
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +28,9 @@ from resizer.errors import OriginFailed, SourceNotFound
 from resizer.sources.base import Source
 from resizer.sources.http import make_http_client
 from resizer.sources.s3 import S3Source, credentials_from
-from resizer.sources.sigv4 import Credentials, make_signer
+from resizer.sources.sigv4 import Credentials
 from tests.media import ffmpeg_banner, make_test_video
+from tests.moto import enforce_auth, running_moto
 from tests.server import server_config, start_server
 
 REGION = "us-east-1"
@@ -68,26 +64,6 @@ VIDEO_KEY = "clips/real.mp4"
 def _small_video() -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         return make_test_video(Path(folder) / "v.mp4", 320, 240, seconds=2).read_bytes()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until_up(endpoint_url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with {process.returncode}")
-        try:
-            httpx.get(f"{endpoint_url}/moto-api/", timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError("moto server did not answer within 60 s")
 
 
 def _set_up_store(endpoint_url: str) -> MotoS3:
@@ -140,42 +116,13 @@ def _set_up_store(endpoint_url: str) -> MotoS3:
     return MotoS3(endpoint_url, user, role)
 
 
-def _enforce_auth(endpoint_url: str) -> None:
-    response = httpx.post(f"{endpoint_url}/moto-api/reset-auth", content=b"0", timeout=10)
-    response.raise_for_status()
-    # From now on a request signed with an unknown key must be refused.
-    probe = httpx.Request("HEAD", f"{endpoint_url}/{BUCKET}/{KEY}")
-    make_signer(SETUP_CREDENTIALS, REGION)(probe)
-    with httpx.Client(timeout=10) as client:
-        status = client.send(probe).status_code
-    if status != 403:
-        raise RuntimeError(f"moto does not check signatures: an unknown key got {status}")
-
-
 @pytest.fixture(scope="module")
 def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    port = _free_port()
-    endpoint_url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "MOTO_PORT": str(port)},
-        )
-    try:
-        _wait_until_up(endpoint_url, process)
+    with running_moto(tmp_path_factory.mktemp("moto")) as endpoint_url:
         store = _set_up_store(endpoint_url)
-        _enforce_auth(endpoint_url)
+        # SETUP_CREDENTIALS made the store; with auth on, moto knows no such key.
+        enforce_auth(endpoint_url, f"{endpoint_url}/{BUCKET}/{KEY}", SETUP_CREDENTIALS, REGION)
         yield store
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
