@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -24,7 +25,6 @@ from .cache.failures import FailureCache
 from .cache.leases import Follow, FollowLost, Lead, LeaseBoard
 from .cache.memory import MemoryCacheStore
 from .cache.sources import SourceFileCache
-from .cluster.leases import Leases, open_redis_leases
 from .cluster.s3store import make_store_client, s3_store
 from .cluster.store import SharedStoreError
 from .cluster.tier import SharedTier, WriteThrough, remaining_ttl
@@ -64,6 +64,9 @@ from .transform.checks import SourceLimits, check_options, check_source
 from .transform.runner import FfmpegTransformer, resolve_ffmpeg
 from .transform.vtt import build_thumbnail_vtt
 from .units import SECONDS
+
+if TYPE_CHECKING:  # coredis costs ~180 ms and MBs to import: only with [cluster] redis_url
+    from .cluster.leases import Leases
 
 log = structlog.get_logger(__name__)
 
@@ -680,7 +683,7 @@ class Service:
     async def _fetch_transform_spool(self, work: Work, job: Job, lead: Lead | None = None) -> None:
         since = self.purges.generation  # before the source is fetched (purge.py)
         async with self.open_write_through(job.key) as through:
-            entry = await self._transform_into_cache(work, job, through, lead)
+            entry = await self._transform_into_cache(work, job, through, lead, since)
             work.finish(entry)  # its clients are done; the shared upload completes below
             if self.purges.purged_since(job.key, since):
                 return  # purged while in flight: leaving uncommitted discards the upload
@@ -699,12 +702,12 @@ class Service:
             yield through
 
     async def _transform_into_cache(
-        self, work: Work, job: Job, through: WriteThrough, lead: Lead | None
+        self, work: Work, job: Job, through: WriteThrough, lead: Lead | None, since: int
     ) -> EntryMeta:
         """Fetch, probe, transform (or compute a text output) into the local cache and
-        through to the shared store; the committed local entry."""
+        through to the shared store; the committed local entry (none if a purge after
+        generation ``since`` matched it: purge.py)."""
         chunk = self.config.cache.read_chunk
-        since = self.purges.generation  # before the source is fetched (purge.py)
         async with (
             self.cache.open_writer(
                 job.key,
@@ -763,7 +766,7 @@ class Service:
 def validators_of(resolved: Resolved) -> str:
     """The validators of a resolved source, as entries record them."""
     stat = resolved.stat
-    return source_validators(stat.size, stat.mtime, getattr(stat, "etag", "") or "")
+    return source_validators(stat.size, stat.mtime)  # sources report no ETag yet
 
 
 def build_cache(config: Config) -> CacheStore:
@@ -872,6 +875,8 @@ async def _open_cluster(
         if shared is not None and shared.errors is None:
             shared.errors = metrics.shared_store_errors
         if cluster is None and config.cluster.redis_url:
+            from .cluster.leases import open_redis_leases  # imports coredis (see the top)
+
             cluster = await stack.enter_async_context(
                 open_redis_leases(
                     config.cluster.redis_url, ttl=config.cluster.lease_ttl, metrics=metrics
